@@ -219,6 +219,8 @@ class Hyperparameters:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
         if self.num_loops and not (0 <= self.loop_start <= self.loop_end < self.num_layers):
             raise ConfigError(f"LOOP_START={self.loop_start}..LOOP_END={self.loop_end} must lie inside 0..NUM_LAYERS-1={self.num_layers - 1}")
+        if self.num_loops and self.parallel_start <= self.loop_end:
+            raise ConfigError(f"PARALLEL_START={self.parallel_start} must be after LOOP_END={self.loop_end}: a looped span cannot re-enter single-stream layers from two lanes")
         if self.train_batch_tokens % self.train_seq_len:
             raise ConfigError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
         if self.max_wallclock_seconds and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
@@ -406,7 +408,256 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
 # ==================================================================================================
 # Model
 # ==================================================================================================
-# (model section: GPT with forward(input_ids, target_ids=None, reduction="mean"); see GPT docstring)
+def select_attention_backend(device: torch.device) -> str:
+    """FA3 when installed, else SDPA with the cuDNN backend on CUDA, else SDPA's default (CPU)."""
+    try:
+        import flash_attn_interface  # noqa: F401
+        return "fa3"
+    except ImportError:
+        pass
+    return "sdpa_cudnn" if device.type == "cuda" else "sdpa"
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
+    """Causal GQA attention. q [B,T,H,D], k/v [B,T,KV,D] -> [B,T,H,D]."""
+    if backend == "fa3":
+        import flash_attn_interface
+        out = flash_attn_interface.flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if backend == "sdpa_cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        # cuDNN SDPA takes equal head counts; repeating K/V is cheap next to the attention itself.
+        groups = q.size(1) // k.size(1)
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
+    return y.transpose(1, 2)
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """RMSNorm without learned weights (there are none anywhere in this model)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as a module, so that GPTQ calibration can hook its output (the tied head's input)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x)
+
+
+class CastedLinear(nn.Linear):
+    """Linear layer with fp32 master weights, computed in the activations' dtype (bf16 on GPU)."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        if zero_init:
+            nn.init.zeros_(self.weight)
+        else:
+            nn.init.orthogonal_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def rotary_tables(seq_len: int, rope_dims: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos/sin [seq_len, rope_dims/2] for the rotary part of each head."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rope_dims, 2, dtype=torch.float64) / rope_dims))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first rope_dims dims of each head (x [B,T,H,D]); the other dims carry no position."""
+    rope_dims = 2 * cos.size(-1)
+    if rope_dims == 0:
+        return x
+    T = x.size(1)
+    cos, sin = cos[None, :T, None, :].to(x.dtype), sin[None, :T, None, :].to(x.dtype)
+    x1, x2, rest = x[..., : rope_dims // 2], x[..., rope_dims // 2 : rope_dims], x[..., rope_dims:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output its component along its own position's value vector,
+    y -= (y . v_hat) v_hat, where v_hat is the normalised value of the head's KV group."""
+    B, T, H, D = y.shape
+    kv_heads = v.size(2)
+    y = y.view(B, T, kv_heads, H // kv_heads, D)
+    v_hat = F.normalize(v.float(), dim=-1).to(y.dtype).unsqueeze(3)
+    y = y - (y * v_hat).sum(dim=-1, keepdim=True) * v_hat
+    return y.view(B, T, H, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, h: Hyperparameters, use_xsa: bool, backend: str) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.head_dim
+        self.use_xsa, self.backend = use_xsa, backend
+        self.c_q = CastedLinear(h.model_dim, h.num_heads * h.head_dim)
+        self.c_k = CastedLinear(h.model_dim, h.num_kv_heads * h.head_dim)
+        self.c_v = CastedLinear(h.model_dim, h.num_kv_heads * h.head_dim)
+        self.proj = CastedLinear(h.num_heads * h.head_dim, h.model_dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q = apply_partial_rope(rms_norm(q), cos, sin) * self.q_gain.to(x.dtype)[None, None, :, None]
+        k = apply_partial_rope(rms_norm(k), cos, sin)
+        y = causal_attention(q, k, v, self.backend)
+        if self.use_xsa:
+            y = remove_self_value(y, v)
+        return self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, h: Hyperparameters) -> None:
+        super().__init__()
+        self.up = CastedLinear(h.model_dim, h.mlp_mult * h.model_dim)
+        self.down = CastedLinear(h.mlp_mult * h.model_dim, h.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.leaky_relu(self.up(x), negative_slope=0.5).square())
+
+
+class Block(nn.Module):
+    """One physical layer. `mode` is how its two branches meet the residual stream:
+    sequential: u = mix(x, x0); x = u + attn(u); x = x + mlp(x)
+    single:     u = mix(x, x0); x = u + attn(u) + mlp(u)                       (one stream, parallel)
+    lanes:      a = attn(mix(lane0, x0)); m = mlp(lane1); lane_j = r_j*lane_j + a_j*a + b_j*m
+    where mix(x, x0) = m0*x + m1*x0 per channel, and each branch reads its input through RMSNorm
+    times the layer's LN scale 1/sqrt(layer+1)."""
+
+    def __init__(self, h: Hyperparameters, layer: int, backend: str) -> None:
+        super().__init__()
+        self.layer = layer
+        self.mode = "sequential" if layer < h.parallel_start else ("lanes" if h.parallel_mode == "lanes" else "single")
+        self.attn = Attention(h, use_xsa=layer >= h.num_layers - h.xsa_last_n, backend=backend)
+        self.mlp = MLP(h)
+        dim = h.model_dim
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        # A buffer, not a Python float, so one compiled graph serves every layer.
+        self.register_buffer("ln_scale", torch.tensor(1.0 / math.sqrt(layer + 1)), persistent=False)
+        if self.mode == "lanes":
+            self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
+            self.lane_attn = nn.Parameter(torch.ones(2))
+            self.lane_mlp = nn.Parameter(torch.ones(2))
+
+    def _mix(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        return mix[0] * x + mix[1] * x0
+
+    def _attn(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale.to(x.dtype), cos, sin)
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale.to(x.dtype))
+
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, lane1: Tensor | None = None):
+        if self.mode == "sequential":
+            x = self._mix(x, x0)
+            x = x + self._attn(x, cos, sin)
+            return x + self._mlp(x)
+        if self.mode == "single":
+            u = self._mix(x, x0)
+            return u + self._attn(u, cos, sin) + self._mlp(u)
+        a = self._attn(self._mix(x, x0), cos, sin)
+        m = self._mlp(lane1)
+        r, wa, wm = (p.to(x.dtype) for p in (self.lane_resid, self.lane_attn, self.lane_mlp))
+        return r[0] * x + wa[0] * a + wm[0] * m, r[1] * lane1 + wa[1] * a + wm[1] * m
+
+
+def loop_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: int, looping: bool) -> list[int]:
+    """Virtual layer order: with looping, layers loop_start..loop_end run num_loops+1 times,
+    e.g. 0,1,2,3,4,5,3,4,5,3,4,5,6,...,10 for 11 layers, span 3..5, 2 loops."""
+    order = list(range(num_layers))
+    if not looping or num_loops == 0:
+        return order
+    span = order[loop_start : loop_end + 1]
+    return order[:loop_start] + span * (num_loops + 1) + order[loop_end + 1 :]
+
+
+class GPT(nn.Module):
+    """The model. forward(input_ids, target_ids, reduction) is the single forward path used by
+    training, evaluation, GPTQ calibration and TTT. Set `looping` to switch depth recurrence."""
+
+    def __init__(self, h: Hyperparameters, backend: str = "sdpa") -> None:
+        super().__init__()
+        self.h = h
+        self.attention_backend = backend
+        self.looping = False
+        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=h.embed_init_std)
+        self.blocks = nn.ModuleList(Block(h, layer, backend) for layer in range(h.num_layers))
+        self.final_norm = RMSNorm()
+        num_skips = max(len(self.virtual_order(looping)) // 2 for looping in (False, True))
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, h.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))
+        cos, sin = rotary_tables(max(h.train_seq_len, h.eval_seq_len), h.rope_dims, h.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.compute_dtype = torch.float32
+
+    def virtual_order(self, looping: bool | None = None) -> list[int]:
+        h = self.h
+        looping = self.looping if looping is None else looping
+        return loop_schedule(h.num_layers, h.loop_start, h.loop_end, h.num_loops, looping)
+
+    def hidden(self, input_ids: Tensor) -> Tensor:
+        """Final normalised hidden states [B,T,d] (the tied head's input)."""
+        x = rms_norm(self.tok_emb(input_ids)).to(self.compute_dtype)
+        x0, lane1 = x, None
+        cos, sin = self.rope_cos, self.rope_sin
+        order = self.virtual_order()
+        num_encoder = len(order) // 2
+        skips: list[Tensor] = []
+        for i, layer in enumerate(order):
+            block = self.blocks[layer]
+            if i >= num_encoder and skips:
+                # U-Net skip, popped LIFO: s = w*skip; x = s + sigmoid(g)*(x - s); it enters lane0.
+                j = i - num_encoder
+                s = self.skip_weights[j].to(x.dtype) * skips.pop()
+                x = s + torch.sigmoid(self.skip_gates[j]).to(x.dtype) * (x - s)
+            if block.mode == "lanes":
+                x, lane1 = block(x, x0, cos, sin, x if lane1 is None else lane1)
+            else:
+                x = block(x, x0, cos, sin)
+            if i < num_encoder:
+                skips.append(x)
+        if lane1 is not None:
+            x = 0.5 * (x + lane1)
+        return self.final_norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Tied head with softcap, in fp32: c*tanh((h @ E^T)/c)."""
+        z = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype)).float()
+        c = self.h.logit_softcap
+        return c * torch.tanh(z / c)
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        """Logits [B,T,V] without targets; else the fp32 cross-entropy ('mean', 'sum' or per-token 'none')."""
+        logits = self.logits(self.hidden(input_ids))
+        if target_ids is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction=reduction)
+        return loss.view_as(target_ids) if reduction == "none" else loss
+
+    def matrix_params(self) -> list[nn.Parameter]:
+        """2-D block weights: trained by Muon and quantized to MATRIX_BITS."""
+        return [p for p in self.blocks.parameters() if p.ndim == 2]
+
+    def scalar_params(self) -> list[nn.Parameter]:
+        matrices = {id(p) for p in self.matrix_params()}
+        return [p for p in self.parameters() if id(p) not in matrices and p is not self.tok_emb.weight]
 
 
 # ==================================================================================================
