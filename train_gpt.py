@@ -576,6 +576,23 @@ class Block(nn.Module):
         return r[0] * x + wa[0] * a + wm[0] * m, r[1] * lane1 + wa[1] * a + wm[1] * m
 
 
+class SoftcapHead(nn.Module):
+    """Tied output head and loss, in fp32: logits = c*tanh((h @ E^T)/c); cross-entropy if targets given.
+    A parameterless module (E is passed in) so that it can be compiled on its own."""
+
+    def __init__(self, softcap: float) -> None:
+        super().__init__()
+        self.softcap = softcap
+
+    def forward(self, hidden: Tensor, embedding: Tensor, target_ids: Tensor | None, reduction: str) -> Tensor:
+        z = F.linear(hidden, embedding.to(hidden.dtype)).float()
+        logits = self.softcap * torch.tanh(z / self.softcap)
+        if target_ids is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction=reduction)
+        return loss.view_as(target_ids) if reduction == "none" else loss
+
+
 def loop_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: int, looping: bool) -> list[int]:
     """Virtual layer order: with looping, layers loop_start..loop_end run num_loops+1 times,
     e.g. 0,1,2,3,4,5,3,4,5,3,4,5,6,...,10 for 11 layers, span 3..5, 2 loops."""
@@ -599,6 +616,7 @@ class GPT(nn.Module):
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=h.embed_init_std)
         self.blocks = nn.ModuleList(Block(h, layer, backend) for layer in range(h.num_layers))
         self.final_norm = RMSNorm()
+        self.head = SoftcapHead(h.logit_softcap)
         num_skips = max(len(self.virtual_order(looping)) // 2 for looping in (False, True))
         self.skip_weights = nn.Parameter(torch.ones(num_skips, h.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))
@@ -637,19 +655,9 @@ class GPT(nn.Module):
             x = 0.5 * (x + lane1)
         return self.final_norm(x)
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """Tied head with softcap, in fp32: c*tanh((h @ E^T)/c)."""
-        z = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype)).float()
-        c = self.h.logit_softcap
-        return c * torch.tanh(z / c)
-
     def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean") -> Tensor:
         """Logits [B,T,V] without targets; else the fp32 cross-entropy ('mean', 'sum' or per-token 'none')."""
-        logits = self.logits(self.hidden(input_ids))
-        if target_ids is None:
-            return logits
-        loss = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction=reduction)
-        return loss.view_as(target_ids) if reduction == "none" else loss
+        return self.head(self.hidden(input_ids), self.tok_emb.weight, target_ids, reduction)
 
     def matrix_params(self) -> list[nn.Parameter]:
         """2-D block weights: trained by Muon and quantized to MATRIX_BITS."""
@@ -663,11 +671,248 @@ class GPT(nn.Module):
 # ==================================================================================================
 # Optimizers: row-normalised Muon (distributed over banks of same-shape matrices) + AdamW
 # ==================================================================================================
+# Classic quintic Newton-Schulz coefficients (a, b, c), the same for every iteration.
+NS_CLASSIC = (3.4445, -4.7750, 2.0315)
+# "Polar Express" (Amsel et al., 2025): per-iteration coefficients that converge faster.
+NS_POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def newton_schulz(g: Tensor, steps: int, polar_express: bool) -> Tensor:
+    """Approximate orthogonalisation of a batch of matrices g [n, rows, cols]:
+    X = g/||g||_F; repeat X = a X + (b A + c A^2) X with A = X X^T. bf16 on GPU, fp32 on CPU."""
+    x = g.to(torch.bfloat16) if g.is_cuda else g.clone()
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    # Polar Express's coefficients assume a slightly shrunk spectrum (its safety factor).
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * (1.01 if polar_express else 1.0) + 1e-7)
+    for i in range(steps):
+        a, b, c = NS_POLAR_EXPRESS[min(i, len(NS_POLAR_EXPRESS) - 1)] if polar_express else NS_CLASSIC
+        A = x @ x.mT
+        x = a * x + (b * A + c * (A @ A)) @ x
+    if transposed:
+        x = x.mT
+    return x.to(g.dtype)
+
+
+class MuonBank:
+    """Same-shape matrices trained together. Gradients are stacked into one [n_pad, rows, cols]
+    tensor (n_pad = n rounded up to the world size); each rank owns n_pad/world of them: it keeps
+    their momentum and orthogonalises them, and the updates are all-gathered."""
+
+    def __init__(self, params: list[nn.Parameter], runtime: Runtime) -> None:
+        self.params = params
+        self.runtime = runtime
+        world = runtime.world_size
+        self.n_pad = math.ceil(len(params) / world) * world
+        self.n_local = self.n_pad // world
+        rows, cols = params[0].shape
+        self.shape = (rows, cols)
+        self.momentum = torch.zeros(self.n_local, rows, cols, device=params[0].device, dtype=torch.float32)
+
+    def stacked_grads(self) -> Tensor:
+        rows, cols = self.shape
+        g = torch.zeros(self.n_pad, rows, cols, device=self.params[0].device, dtype=torch.float32)
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                g[i].copy_(p.grad)
+        return g
+
+    def local_slice(self) -> slice:
+        start = self.runtime.rank * self.n_local
+        return slice(start, start + self.n_local)
+
+
+class Optimizers:
+    """One step of the whole optimizer: gradient averaging across ranks (no DDP), global norm clip,
+    row-normalised Muon on the block matrices (sharded by banks) and AdamW on everything else.
+
+    Muon (SPEC §4): b = mu*b + g; u = g + mu*b (Nesterov); each row of u divided by its L2 norm;
+    u = NewtonSchulz(u) * sqrt(max(1, rows/cols)); W *= 1 - lr*wd; W -= lr*u."""
+
+    def __init__(self, model: GPT, h: Hyperparameters, runtime: Runtime) -> None:
+        self.h, self.runtime = h, runtime
+        by_shape: dict[tuple[int, int], list[nn.Parameter]] = {}
+        for p in model.matrix_params():
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        # Largest banks first: their all-gather then overlaps the orthogonalisation of the smaller ones.
+        self.banks = [MuonBank(ps, runtime) for _, ps in sorted(by_shape.items(), key=lambda kv: -kv[0][0] * kv[0][1] * len(kv[1]))]
+        self.adam_params = [model.tok_emb.weight] + model.scalar_params()
+        betas = (h.adam_beta1, h.adam_beta2)
+        self.adam = torch.optim.AdamW(
+            [dict(params=[model.tok_emb.weight], lr=h.tied_embed_lr, base_lr=h.tied_embed_lr, weight_decay=h.embed_wd),
+             dict(params=model.scalar_params(), lr=h.scalar_lr, base_lr=h.scalar_lr, weight_decay=h.scalar_wd)],
+            betas=betas, eps=h.adam_eps, foreach=True)
+        self.matrix_lr = h.matrix_lr
+
+    # -- communication helpers (NCCL has reduce-scatter/all-gather into tensors; gloo falls back) --
+
+    def _reduce_scatter_mean(self, full: Tensor, bank: MuonBank):
+        """Average `full` over ranks; return (work, local slice). gloo has no reduce-scatter: all-reduce."""
+        world = self.runtime.world_size
+        if world == 1:
+            return None, full
+        if full.is_cuda:
+            local = torch.empty_like(full[: bank.n_local])
+            work = dist.reduce_scatter_tensor(local, full, op=dist.ReduceOp.AVG, async_op=True)
+            return work, local
+        work = dist.all_reduce(full, op=dist.ReduceOp.SUM, async_op=True)
+        return work, full  # sliced (and divided) once the work is done
+
+    def _all_gather(self, local: Tensor, bank: MuonBank):
+        if self.runtime.world_size == 1:
+            return None, local
+        rows, cols = bank.shape
+        full = torch.empty(bank.n_pad, rows, cols, device=local.device, dtype=local.dtype)
+        if local.is_cuda:
+            return dist.all_gather_into_tensor(full, local.contiguous(), async_op=True), full
+        return dist.all_gather(list(full.chunk(self.runtime.world_size)), local.contiguous(), async_op=True), full
+
+    @torch.no_grad()
+    def step(self, lr_mult: float, muon_momentum: float) -> float:
+        """Apply one update from the accumulated .grad of every parameter; returns the global grad norm."""
+        world = self.runtime.world_size
+        # 1) Launch gradient averaging: banks reduce-scattered, AdamW grads packed into one all-reduce.
+        pending = [self._reduce_scatter_mean(bank.stacked_grads(), bank) for bank in self.banks]
+        adam_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.adam_params]
+        flat = torch.cat([g.flatten().float() for g in adam_grads])
+        adam_work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True) if world > 1 else None
+        local_grads = []
+        for bank, (work, g) in zip(self.banks, pending):
+            if work is not None:
+                work.wait()
+            if world > 1 and not g.is_cuda:
+                g = g[bank.local_slice()] / world
+            local_grads.append(g)
+        if adam_work is not None:
+            adam_work.wait()
+            flat /= world
+        # 2) Global gradient norm over all parameters (each rank holds distinct bank slices).
+        bank_sq = torch.stack([g.square().sum() for g in local_grads]).sum() if local_grads else flat.new_zeros(())
+        if world > 1:
+            dist.all_reduce(bank_sq, op=dist.ReduceOp.SUM)
+        grad_norm = torch.sqrt(bank_sq + flat.square().sum())
+        clip = self.h.grad_clip_norm
+        coef = torch.clamp(clip / (grad_norm + 1e-6), max=1.0) if clip > 0 else torch.ones_like(grad_norm)
+        # 3) AdamW on the averaged, clipped gradients.
+        offset = 0
+        for p in self.adam_params:
+            n = p.numel()
+            p.grad = (flat[offset : offset + n] * coef).view_as(p).to(p.dtype)
+            offset += n
+        for group in self.adam.param_groups:
+            group["lr"] = group["base_lr"] * lr_mult
+        self.adam.step()
+        # 4) Muon: orthogonalise the local slice of bank k while bank k-1's all-gather runs.
+        lr = self.matrix_lr * lr_mult
+        in_flight = None
+        for bank, g in zip(self.banks, local_grads):
+            update = self._muon_update(bank, g * coef, muon_momentum)
+            gathered = self._all_gather(update, bank)
+            if in_flight is not None:
+                self._apply(*in_flight, lr)
+            in_flight = (bank, gathered)
+        if in_flight is not None:
+            self._apply(*in_flight, lr)
+        return float(grad_norm)
+
+    def _muon_update(self, bank: MuonBank, g: Tensor, momentum: float) -> Tensor:
+        buf = bank.momentum
+        buf.mul_(momentum).add_(g)
+        u = g + momentum * buf
+        u = u / (u.norm(dim=-1, keepdim=True) + 1e-7)  # row normalisation (MuonEq-R)
+        u = newton_schulz(u, self.h.muon_ns_steps, self.h.muon_polar_express)
+        rows, cols = bank.shape
+        return u * math.sqrt(max(1.0, rows / cols))
+
+    def _apply(self, bank: MuonBank, gathered, lr: float) -> None:
+        work, updates = gathered
+        if work is not None:
+            work.wait()
+        decay = 1.0 - lr * self.h.muon_wd
+        params = bank.params
+        torch._foreach_mul_(params, decay)
+        torch._foreach_add_(params, list(updates[: len(params)].unbind(0)), alpha=-lr)
+
+    def zero_grad(self) -> None:
+        for bank in self.banks:
+            for p in bank.params:
+                p.grad = None
+        for p in self.adam_params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"adam": copy.deepcopy(self.adam.state_dict()),
+                "muon": [bank.momentum.clone() for bank in self.banks]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adam.load_state_dict(copy.deepcopy(state["adam"]))
+        for bank, buf in zip(self.banks, state["muon"]):
+            bank.momentum.copy_(buf)
+
 
 
 # ==================================================================================================
 # Schedule and weight averaging
 # ==================================================================================================
+def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
+    """1 until frac reaches 1 - warmdown_frac, then linear down to min_lr at frac = 1."""
+    if warmdown_frac <= 0 or frac < 1.0 - warmdown_frac:
+        return 1.0
+    remaining = max(0.0, 1.0 - frac) / warmdown_frac
+    return min_lr + (1.0 - min_lr) * remaining
+
+
+def muon_momentum_at(step: int, h: Hyperparameters) -> float:
+    """Linear ramp from MUON_MOMENTUM_WARMUP_START to MUON_MOMENTUM over MUON_MOMENTUM_WARMUP_STEPS."""
+    if h.muon_momentum_warmup_steps <= 0:
+        return h.muon_momentum
+    t = min(1.0, step / h.muon_momentum_warmup_steps)
+    return h.muon_momentum_warmup_start + t * (h.muon_momentum - h.muon_momentum_warmup_start)
+
+
+def ema_decay_at(step: int, cap: float) -> float:
+    """EMA decay after `step` updates: min(cap, (1+step)/(10+step)). The ramp makes the average
+    span roughly the last tenth of a short run instead of dragging it back to the initialisation."""
+    return min(cap, (1.0 + step) / (10.0 + step))
+
+
+class WeightAverager:
+    """fp32 average of all parameters: EMA every step, or SWA (uniform mean of snapshots taken every
+    SWA_EVERY steps during warmdown), or none. `copy_to` loads the average into a model."""
+
+    def __init__(self, model: nn.Module, h: Hyperparameters) -> None:
+        self.mode, self.cap, self.swa_every = h.averaging, h.ema_decay, h.swa_every
+        self.params = [p for p in model.parameters()]
+        self.average = [p.detach().float().clone() for p in self.params] if self.mode != "none" else []
+        self.snapshots = 0
+
+    @torch.no_grad()
+    def update(self, step: int, in_warmdown: bool) -> None:
+        current = [p.detach().float() for p in self.params]
+        if self.mode == "ema":
+            torch._foreach_lerp_(self.average, current, 1.0 - ema_decay_at(step, self.cap))
+        elif self.mode == "swa" and in_warmdown and step % self.swa_every == 0:
+            self.snapshots += 1
+            if self.snapshots == 1:
+                torch._foreach_copy_(self.average, current)
+            else:
+                torch._foreach_lerp_(self.average, current, 1.0 / self.snapshots)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the average into `model` (no-op for mode none, or SWA before its first snapshot)."""
+        if self.mode == "none" or (self.mode == "swa" and self.snapshots == 0):
+            return
+        for p, avg in zip(model.parameters(), self.average):
+            p.copy_(avg.to(p.dtype))
+
 
 
 # ==================================================================================================
