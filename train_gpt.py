@@ -715,11 +715,11 @@ class MuonBank:
         self.n_local = self.n_pad // world
         rows, cols = params[0].shape
         self.shape = (rows, cols)
-        self.momentum = torch.zeros(self.n_local, rows, cols, device=params[0].device, dtype=torch.float32)
+        self.momentum = torch.zeros(self.n_local, rows, cols, device=params[0].device, dtype=params[0].dtype)
 
     def stacked_grads(self) -> Tensor:
         rows, cols = self.shape
-        g = torch.zeros(self.n_pad, rows, cols, device=self.params[0].device, dtype=torch.float32)
+        g = torch.zeros(self.n_pad, rows, cols, device=self.params[0].device, dtype=self.params[0].dtype)
         for i, p in enumerate(self.params):
             if p.grad is not None:
                 g[i].copy_(p.grad)
@@ -782,7 +782,7 @@ class Optimizers:
         # 1) Launch gradient averaging: banks reduce-scattered, AdamW grads packed into one all-reduce.
         pending = [self._reduce_scatter_mean(bank.stacked_grads(), bank) for bank in self.banks]
         adam_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.adam_params]
-        flat = torch.cat([g.flatten().float() for g in adam_grads])
+        flat = torch.cat([g.flatten() for g in adam_grads])
         adam_work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True) if world > 1 else None
         local_grads = []
         for bank, (work, g) in zip(self.banks, pending):
@@ -1409,8 +1409,298 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperp
 # ==================================================================================================
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def build_model(h: Hyperparameters, runtime: Runtime, backend: str) -> GPT:
+    """A fresh model on the runtime device, computing in bf16 on GPU and fp32 on CPU."""
+    torch.manual_seed(h.seed)
+    model = GPT(h, backend).to(runtime.device)
+    model.compute_dtype = torch.bfloat16 if runtime.device.type == "cuda" else torch.float32
+    return model
+
+
+def compile_model(model: GPT, h: Hyperparameters, runtime: Runtime) -> str:
+    """Regional compilation (each block and the head) compiles in seconds and serves every layer;
+    full compilation traces the whole unrolled model. Returns the mode used."""
+    mode = h.compile_mode
+    if mode == "auto":
+        mode = "regional" if runtime.device.type == "cuda" else "none"
+    if mode == "none":
+        return mode
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = 64  # block variants x looping x eval/train shapes
+    if mode == "regional":
+        for block in model.blocks:
+            block.compile(dynamic=False)
+        model.head.compile(dynamic=False)
+    else:
+        model.compile(dynamic=False)
+    return mode
+
+
+def batch_layout(h: Hyperparameters, runtime: Runtime) -> tuple[int, int]:
+    """(sequences per micro-batch on one rank, gradient-accumulation steps) for the global batch."""
+    global_seqs = h.train_batch_tokens // h.train_seq_len
+    if global_seqs % runtime.world_size:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} gives {global_seqs} sequences, not divisible by the world size {runtime.world_size}")
+    per_rank = global_seqs // runtime.world_size
+    micro = min(h.micro_batch_seqs, per_rank)
+    if per_rank % micro:
+        raise ConfigError(f"MICRO_BATCH_SEQS={h.micro_batch_seqs} must divide the {per_rank} sequences each rank gets per step")
+    return micro, per_rank // micro
+
+
+def train_step(model: GPT, optimizers: Optimizers, loader: TrainLoader, grad_accum_steps: int,
+               lr_mult: float, muon_momentum: float) -> Tensor:
+    """Forward/backward over the accumulated micro-batches, then one optimizer step; returns the mean loss."""
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for _ in range(grad_accum_steps):
+        x, y = loader.next_batch()
+        loss = model(x, y)
+        (loss / grad_accum_steps).backward()
+        total += loss.detach()
+    optimizers.step(lr_mult, muon_momentum)
+    optimizers.zero_grad()
+    return total / grad_accum_steps
+
+
+def warm_up_and_reset(model: GPT, optimizers: Optimizers, loader: TrainLoader, h: Hyperparameters,
+                      grad_accum_steps: int) -> None:
+    """Run WARMUP_STEPS real steps for every graph variant (without and with looping) so that all
+    compilation happens here, then restore the initial weights, optimizer state and data position:
+    warm-up never trains the model."""
+    if h.warmup_steps == 0:
+        return
+    model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer_state = optimizers.state_dict()
+    loader_state = loader.state_dict()
+    for looping in ([False, True] if h.num_loops else [False]):
+        model.looping = looping
+        for _ in range(h.warmup_steps):
+            train_step(model, optimizers, loader, grad_accum_steps, 1.0, muon_momentum_at(0, h))
+    model.looping = False
+    model.load_state_dict(model_state)
+    optimizers.load_state_dict(optimizer_state)
+    loader.load_state_dict(loader_state)
+
+
+def synchronize(runtime: Runtime) -> None:
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)
+
+
+def log_eval(log: Logger, result: EvalResult) -> None:
+    log(f"{result.stage} val_loss:{result.loss:.6f} val_bpb:{result.bpb:.6f} eval_time:{result.seconds * 1000:.0f}ms")
+    log.metrics(event="eval", stage=result.stage, val_loss=result.loss, val_bpb=result.bpb,
+                eval_time_ms=result.seconds * 1000, tokens=result.tokens, bytes=result.bytes)
+
+
+def log_timing(log: Logger, name: str, seconds: float) -> None:
+    log(f"timing {name}: {seconds:.1f}s")
+    log.metrics(event="timing", name=name, seconds=seconds)
+
+
+def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tokens: Tensor,
+          tables: ByteTables) -> tuple[TrainLoader, WeightAverager, float]:
+    """The training loop under the wallclock budget; returns (loader, averager, training seconds)."""
+    micro_seqs, grad_accum_steps = batch_layout(h, runtime)
+    log(f"world_size:{runtime.world_size} grad_accum_steps:{grad_accum_steps} micro_batch_seqs:{micro_seqs} "
+        f"global_batch_tokens:{h.train_batch_tokens}")
+    train_files = list_shards(h.dataset_dir, "train")
+    loader = TrainLoader(train_files, h.train_seq_len, micro_seqs, grad_accum_steps, runtime, h.seed, h.vocab_size)
+    optimizers = Optimizers(model, h, runtime)
+
+    synchronize(runtime)
+    t0 = time.perf_counter()
+    warm_up_and_reset(model, optimizers, loader, h, grad_accum_steps)
+    synchronize(runtime)
+    log_timing(log, "compile_warmup", time.perf_counter() - t0)
+
+    averager = WeightAverager(model, h)
+    budget = h.train_budget_seconds
+    training_seconds, step = 0.0, 0
+    synchronize(runtime)
+    t_resume = time.perf_counter()
+    while step < h.iterations:
+        frac = training_seconds / budget
+        if h.num_loops and not model.looping and frac >= h.enable_looping_at:
+            model.looping = True
+            log(f"looping:on step:{step} train_time:{training_seconds * 1000:.0f}ms order:{model.virtual_order()}")
+        lr_mult = lr_multiplier(frac, h.warmdown_frac, h.min_lr)
+        loss = train_step(model, optimizers, loader, grad_accum_steps, lr_mult, muon_momentum_at(step, h))
+        step += 1
+        averager.update(step, in_warmdown=frac >= 1.0 - h.warmdown_frac)
+        # One small all-reduce per step: every rank sees the same clock (same stop/looping decisions),
+        # the mean loss, and whether any rank diverged.
+        stats = torch.tensor([training_seconds + time.perf_counter() - t_resume, float(loss),
+                              float(not torch.isfinite(loss))], device=runtime.device, dtype=torch.float64)
+        stats = all_reduce_sum(stats, runtime) / runtime.world_size
+        elapsed, mean_loss, diverged = float(stats[0]), float(stats[1]), float(stats[2]) > 0
+        if diverged:
+            raise TrainingDiverged(f"train loss is {float(loss)} at step {step}: the run diverged; "
+                                   f"lower MATRIX_LR/SCALAR_LR/TIED_EMBED_LR or check the data")
+        last = elapsed >= budget or step >= h.iterations
+        if step <= 5 or step % h.train_log_every == 0 or last:
+            tokens_per_s = step * h.train_batch_tokens / max(elapsed, 1e-9)
+            log(f"step:{step}/{h.iterations} train_loss:{mean_loss:.4f} train_time:{elapsed * 1000:.0f}ms "
+                f"step_avg:{elapsed * 1000 / step:.2f}ms tok/s:{tokens_per_s:.0f}")
+            log.metrics(event="step", step=step, train_loss=mean_loss, train_time_ms=elapsed * 1000,
+                        step_avg_ms=elapsed * 1000 / step, tok_s=tokens_per_s, lr_mult=lr_mult, looping=model.looping)
+        if h.val_loss_every and step % h.val_loss_every == 0 and not last:
+            training_seconds = elapsed  # the clock pauses during validation
+            log_eval(log, eval_plain(model, val_tokens, tables, h, runtime, stage=f"step{step}"))
+            synchronize(runtime)
+            t_resume = time.perf_counter()
+            continue
+        if last:
+            training_seconds = elapsed
+            break
+    log_timing(log, "training", training_seconds)
+    log(f"stopped at step {step}: train_time:{training_seconds * 1000:.0f}ms")
+    return loader, averager, training_seconds
+
+
+def calibration_batches(loader: TrainLoader, h: Hyperparameters, runtime: Runtime):
+    """GPTQ_CALIBRATION_BATCHES training micro-batches in all, split over ranks (never validation data)."""
+    for _ in range(max(1, h.gptq_calibration_batches // runtime.world_size)):
+        yield loader.next_batch()
+
+
+def evaluate_artifact(blob: bytes, h: Hyperparameters, runtime: Runtime, log: Logger, backend: str,
+                      val_tokens: Tensor, tables: ByteTables) -> tuple[EvalResult, float]:
+    """Reload the artifact into a fresh model and score it: plain, sliding, TTT (TTT last: it
+    changes the weights). Returns (the final result, total evaluation seconds)."""
+    model = build_model(h, runtime, backend)
+    load_artifact(blob, model)
+    compile_model(model, h, runtime)
+    model.looping = bool(h.num_loops)
+    results = [eval_plain(model, val_tokens, tables, h, runtime, stage="quantized")]
+    log_eval(log, results[-1])
+    if h.sliding_window_enabled:
+        results.append(eval_sliding(model, val_tokens, tables, h, runtime, stage="quantized_sliding"))
+        log_eval(log, results[-1])
+    if h.ttt_enabled:
+        results.append(eval_ttt(model, val_tokens, tables, h, runtime, log=log, stage="quantized_ttt"))
+        log_eval(log, results[-1])
+    eval_seconds = sum(r.seconds for r in results)
+    projected = eval_seconds * runtime.world_size / 8
+    label = "" if runtime.world_size == 8 else f" (measured on {runtime.world_size} GPU(s); projected to 8: {projected:.1f}s)"
+    log(f"total eval time: {eval_seconds:.1f}s of the 600s budget{label}")
+    return results[-1], eval_seconds
+
+
+def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
+    source_path = Path(__file__).resolve()
+    source = source_path.read_text(encoding="utf-8")
+    log(source, console=False)  # the log reproduces the run
+    log(f"run_id:{run_id} python:{sys.version.split()[0]} torch:{torch.__version__} device:{runtime.device}"
+        + (f" ({torch.cuda.get_device_name(runtime.device)})" if runtime.device.type == "cuda" else ""))
+    for name, value in h.as_dict().items():
+        log(f"  {name}={value}")
+    backend = select_attention_backend(runtime.device)
+    log(f"attention_backend:{backend}")
+
+    sp = load_tokenizer(h.tokenizer_file, h.vocab_size)
+    tables = build_byte_tables(sp, h.vocab_size)
+    val_tokens = load_validation_tokens(h.dataset_dir, h.vocab_size)
+    val_bytes = count_validation_bytes(val_tokens, tables)
+    log(f"val_tokens:{val_tokens.numel()} val_bytes:{val_bytes}")
+    tables = tables.to(runtime.device)
+
+    model = build_model(h, runtime, backend)
+    num_params = sum(p.numel() for p in model.parameters())
+    log(f"model_params:{num_params}")
+    micro_seqs, grad_accum_steps = batch_layout(h, runtime)
+    log.metrics(event="config", **h.as_dict(), world_size=runtime.world_size, grad_accum_steps=grad_accum_steps,
+                device_name=torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "cpu",
+                torch_version=torch.__version__, python_version=sys.version.split()[0],
+                attention_backend=backend, num_params=num_params)
+    final = dict(event="final", status="ok", error=None, world_size=runtime.world_size, train_time_s=0.0)
+
+    if h.eval_only:
+        blob = Path(h.eval_only).read_bytes()
+        result, eval_seconds = evaluate_artifact(blob, h, runtime, log, backend, val_tokens, tables)
+        final.update(val_loss=result.loss, val_bpb=result.bpb, final_stage=result.stage, eval_time_s=eval_seconds,
+                     total_bytes=len(blob), artifact_path=h.eval_only)
+        log.metrics(**final)
+        return
+
+    train_tokens = sum(read_shard(f).size for f in list_shards(h.dataset_dir, "train"))
+    log.metrics(event="data", val_tokens=val_tokens.numel(), val_bytes=val_bytes, train_tokens=train_tokens,
+                train_shards=len(list_shards(h.dataset_dir, "train")))
+    log(f"compile:{compile_model(model, h, runtime)}")
+    loader, averager, training_seconds = train(model, h, runtime, log, val_tokens, tables)
+
+    model.looping = bool(h.num_loops)
+    log_eval(log, eval_plain(model, val_tokens, tables, h, runtime, stage="pre_average"))
+    averager.copy_to(model)
+    if h.averaging != "none":
+        log_eval(log, eval_plain(model, val_tokens, tables, h, runtime, stage=f"post_{h.averaging}"))
+
+    # GPTQ calibration reads training data, so it counts toward the training time limit.
+    synchronize(runtime)
+    t0 = time.perf_counter()
+    hessians = collect_hessians(model, calibration_batches(loader, h, runtime), runtime)
+    synchronize(runtime)
+    calibration_seconds = time.perf_counter() - t0
+    loader.close()
+    log_timing(log, "gptq_calibration", calibration_seconds)
+    train_time_s = training_seconds + calibration_seconds
+    over = " OVER THE BUDGET" if h.max_wallclock_seconds and train_time_s > h.max_wallclock_seconds else ""
+    log(f"train time incl. GPTQ calibration: {train_time_s:.1f}s (budget {h.max_wallclock_seconds:.0f}s){over}")
+
+    shipped_code = build_submission_code(source)
+    artifact_dir = Path(h.log_dir or ".")
+    shipped_code_path = artifact_dir / f"{run_id}_train_gpt.py"
+    blob, report = quantize_and_pack(model, hessians, h, len(shipped_code), log)
+    artifact_path = artifact_dir / f"final_model.{run_id}.ptz"
+    if runtime.is_main:
+        shipped_code_path.write_bytes(shipped_code)
+        artifact_path.write_bytes(blob)
+    total_bytes = len(blob) + len(shipped_code)
+    log(f"model bytes: {len(blob)}  code bytes: {len(shipped_code)}")
+    log(f"Total submission size (model + code): {total_bytes} bytes; margin to {ARTIFACT_LIMIT_BYTES:,}: {ARTIFACT_LIMIT_BYTES - total_bytes} bytes")
+    log.metrics(event="artifact", model_bytes=len(blob), code_bytes=len(shipped_code), total_bytes=total_bytes,
+                limit_bytes=ARTIFACT_LIMIT_BYTES, compressor=h.compressor, report=report)
+    final.update(train_time_s=train_time_s, total_bytes=total_bytes, artifact_path=str(artifact_path),
+                 shipped_code_path=str(shipped_code_path))
+    if total_bytes > ARTIFACT_LIMIT_BYTES:
+        raise ArtifactBudgetError(f"artifact is {total_bytes} bytes, over the {ARTIFACT_LIMIT_BYTES} limit: "
+                                  f"lower ARTIFACT_TARGET_BYTES or MATRIX_BITS")
+
+    result, eval_seconds = evaluate_artifact(blob, h, runtime, log, backend, val_tokens, tables)
+    final.update(val_loss=result.loss, val_bpb=result.bpb, final_stage=result.stage, eval_time_s=eval_seconds)
+    if runtime.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(runtime.device) / 2**20
+        log(f"peak memory allocated: {peak:.0f} MiB reserved: {torch.cuda.max_memory_reserved(runtime.device) / 2**20:.0f} MiB")
+        final["peak_memory_mib"] = peak
+    log.metrics(**final)
+
+
 def main() -> None:
-    raise NotImplementedError("main")
+    try:
+        h = Hyperparameters()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    runtime = setup_distributed()
+    run_id = h.run_id or time.strftime("%Y%m%d_%H%M%S") + "_" + uuid.uuid4().hex[:6]
+    if runtime.distributed:  # every rank must agree on the run id (file names)
+        holder = [run_id]
+        dist.broadcast_object_list(holder, src=0)
+        run_id = holder[0]
+    log = Logger(runtime, h.log_dir, run_id)
+    try:
+        run(h, runtime, log, run_id)
+    except (ConfigError, DataError, TrainingDiverged, ArtifactBudgetError) as e:
+        log(f"FAILED: {e}")
+        log.metrics(event="final", status="failed", error=str(e), world_size=runtime.world_size)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
