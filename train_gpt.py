@@ -934,7 +934,7 @@ BUDGET_TOLERANCE = 0.003             # accept any size in [target*(1-tol), targe
 BUDGET_ATTEMPTS = 4                  # GPTQ+compress rounds before settling for the best fit found
 COMPRESS_CHUNK_BYTES = 1 << 20       # independent chunks, compressed in parallel child processes
 COMPRESSOR_TAGS = {"brotli": b"B", "zstd": b"Z", "lzma": b"L"}
-COMPRESSOR_PACKAGES = {"brotli": "brotli", "zstd": "zstandard", "lzma": None}
+COMPRESSOR_MODULES = {"brotli": "brotli", "zstd": "zstandard", "lzma": "lzma"}  # = pip package names
 
 # The one place that sets compressor levels. It runs in a bare child interpreter per chunk: brotli
 # and lzma hold the GIL, and a `python -c` child starts in ~50 ms (no torch import).
@@ -965,8 +965,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, Tensor]:
     """H = sum X^T X (fp32) of the input of every block CastedLinear and, for the tied embedding, of
-    the final-norm output (the head's input), on training batches with looping on. Hooks ride the
-    model's own forward; looped layers add every call. Summed over ranks. Keys are state_dict names."""
+    the final-norm output (the head's input), on (x, y) training batches with looping on. Hooks ride
+    the model's own forward (run eagerly: a compiled wrapper is bypassed); looped layers add every
+    call. Summed over ranks. Keys are state_dict names."""
     base = _unwrap(model)
     hessians: dict[str, Tensor] = {}
 
@@ -1190,11 +1191,11 @@ def require_compressor(name: str):
     """Import a compressor's module lazily; a missing optional package is a one-line error."""
     if name not in COMPRESSOR_TAGS:
         raise ValueError(f"unknown compressor {name!r}; use one of {', '.join(COMPRESSOR_TAGS)}")
-    module = {"brotli": "brotli", "zstd": "zstandard", "lzma": "lzma"}[name]
+    module = COMPRESSOR_MODULES[name]
     try:
         return __import__(module)
     except ImportError:
-        raise RuntimeError(f"COMPRESSOR={name} needs the '{COMPRESSOR_PACKAGES[name]}' package: pip install {COMPRESSOR_PACKAGES[name]}") from None
+        raise RuntimeError(f"COMPRESSOR={name} needs the '{module}' package: pip install {module}") from None
 
 
 def compress(data: bytes, compressor: str) -> bytes:
@@ -1270,8 +1271,9 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
     target = (ARTIFACT_TARGET_BYTES or 16,000,000) - code_bytes. A global multiplier on the clip
     sigmas is searched: size(scale) ~ c * sum_t n_t*H(RTN ints at scale) + fp16 part, where H is the
     order-0 entropy (cheap), and c is calibrated on each exact GPTQ + compression round (it folds in
-    the compressor's overhead and GPTQ's slightly wider ints). Scale-independent GPTQ work (act order,
-    Cholesky factors) is done once. Deterministic, so running it on every rank gives the same blob;
+    the compressor's overhead and GPTQ's slightly wider ints); typically two rounds. Scale-independent
+    GPTQ work (act order, Cholesky factors) is done once. Hessians and weights are used on the
+    Hessians' device (GPU: fast; CPU works). Deterministic, so running it on every rank gives the same blob;
     run it on one rank to save time (compression uses every CPU core)."""
     started = time.perf_counter()
     base = _unwrap(model)
@@ -1301,8 +1303,8 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
         fits = len(blob) <= target
         if fits and (best is None or len(blob) > len(best[1])):
             best = (clip_scale, blob)
-        if fits and len(blob) >= (1 - BUDGET_TOLERANCE) * target:
-            break
+        if fits and (len(blob) >= (1 - BUDGET_TOLERANCE) * target or clip_scale <= CLIP_SCALE_RANGE[0] * 1.001):
+            break  # close enough, or already at the finest scale searched
         if not fits and clip_scale >= CLIP_SCALE_RANGE[1] * 0.999:
             raise ArtifactBudgetError(
                 f"model needs {len(blob)} bytes > target {target} even at {CLIP_SCALE_RANGE[1]}x clip sigmas; "

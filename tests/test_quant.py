@@ -240,7 +240,7 @@ def test_latin1_literal_holds_every_byte(tmp_path):
 
 def test_shipped_stub_runs_as_main_with_file(tmp_path):
     source = '"""doc"""\nimport sys\nif __name__ == "__main__":\n    print(__name__, __file__, len(SHIPPED_SOURCE.splitlines()))\n'
-    path = tmp_path / "copy.py"
+    path = tmp_path / "shipped.py"  # not copy.py: that would shadow the stdlib module
     path.write_bytes(tg.build_submission_code(source))
     out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["__main__", str(path), "3"]  # docstring dropped: 3 lines of code remain
