@@ -152,4 +152,5 @@ main() {
   say "done: logs in $LOG_DIR/$RUN_ID.txt, record folder above"
 }
 
-main "$@"
+# Sourcing run.sh (tests do) defines the functions without running the job.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then main "$@"; fi

@@ -174,10 +174,10 @@ def test_readme_env_table_matches_config_registry():
 def test_env_table_check_detects_drift(tmp_path):
     stale = tmp_path / "README.md"
     stale.write_text((REPO / "README.md").read_text(encoding="utf-8").replace("| `SEED` |", "| `SEED_OLD` |"))
-    check = [sys.executable, str(REPO / "tools" / "env_table.py"), "--check", "--readme", str(stale)]
-    assert subprocess.run(check, capture_output=True).returncode == 1
-    subprocess.run(check[:2] + ["--readme", str(stale)], check=True, capture_output=True)
-    assert subprocess.run(check, capture_output=True).returncode == 0
+    assert env_table.main(["--check", "--readme", str(stale)]) == 1
+    assert env_table.main(["--readme", str(stale)]) == 0
+    assert env_table.main(["--check", "--readme", str(stale)]) == 0
+    assert stale.read_text(encoding="utf-8") == (REPO / "README.md").read_text(encoding="utf-8")
 
 
 # ---- run.sh ------------------------------------------------------------------------------------------
@@ -236,6 +236,15 @@ def run_sh(cwd: Path, **env) -> subprocess.CompletedProcess:
 def test_run_sh_syntax():
     subprocess.run(["bash", "-n", str(REPO / "run.sh")], check=True)
     assert os.access(REPO / "run.sh", os.X_OK)
+
+
+def test_run_sh_cpu_smoke_config_is_valid():
+    """run.sh's CPU smoke defaults must pass train_gpt.py's config checks."""
+    script = 'source run.sh && cpu_smoke_defaults && python -c "import train_gpt; h = train_gpt.Hyperparameters(); print(h.model_dim, h.vocab_size)"'
+    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    result = subprocess.run(["bash", "-c", script], cwd=REPO, env=keep, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["64", "1024"]
 
 
 def test_run_sh_without_data_says_what_to_do(shell_copy):

@@ -51,11 +51,11 @@ def replace_block(text: str, table: str, path: Path) -> str:
     return f"{head}{START}\n{table}\n{END}{tail}"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check; exit 1 if the table is out of date")
     parser.add_argument("--readme", type=Path, default=REPO / "README.md", help="file holding the markers")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     text = args.readme.read_text(encoding="utf-8")
     updated = replace_block(text, render_table(load_registry()), args.readme)
