@@ -30,10 +30,10 @@ TRAIN_LIMIT_S = 600.0
 EVAL_LIMIT_S = 600.0
 RECORD_WORLD_SIZE = 8
 RECORD_GPU = "H100"
-# Keys that may differ between the seeds of one submission; machine paths are left out of the
-# reproduce command too.
+# Config keys that may differ between the seeds of one submission.
 PER_SEED_KEYS = {"event", "seed", "run_id"}
-PATH_KNOBS = {"DATA_DIR", "LOG_DIR", "TOKENIZER_PATH", "RUN_ID", "SEED", "EVAL_ONLY"}
+# Knobs left out of the reproduce command's overrides: per seed, or paths of the machine that ran it.
+NOT_OVERRIDES = {"RUN_ID", "SEED", "DATA_DIR", "LOG_DIR", "TOKENIZER_PATH", "EVAL_ONLY"}
 
 
 def fail(msg: str) -> None:
@@ -160,7 +160,7 @@ def config_overrides(config: dict) -> dict[str, object]:
     overrides = {}
     for attr, value in config.items():
         knob = registry.get(attr.upper())
-        if knob is None or knob.name in PATH_KNOBS:
+        if knob is None or knob.name in NOT_OVERRIDES:
             continue
         default = knob.default
         same = float(value) == float(default) if knob.kind in ("int", "float", "bool") else str(value) == str(default)

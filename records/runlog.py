@@ -30,7 +30,7 @@ class RunLog:
 
 
 def read_run_log(path: str | Path) -> RunLog:
-    """Parse every event of a jsonl log; the last `final`/`artifact`/`config`/`data` event wins."""
+    """Parse every event of a one-run jsonl log (the last `final`/`artifact`/`data` event wins)."""
     path = Path(path)
     if not path.is_file():
         raise RunLogError(f"{path}: no such log; pass the logs/<RUN_ID>.jsonl written by train_gpt.py")
@@ -47,6 +47,9 @@ def read_run_log(path: str | Path) -> RunLog:
             log.evals.append(event)
         elif kind == "timing":
             log.timings.append(event)
+        elif kind == "config" and log.config:
+            raise RunLogError(f"{path}:{number}: a second config event: two runs share this RUN_ID (logs are appended); "
+                              "rerun with a fresh RUN_ID")
         elif kind in ("config", "data", "artifact", "final"):
             setattr(log, kind, event)
     return log

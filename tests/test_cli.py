@@ -91,6 +91,13 @@ def test_record_refuses_seeds_of_different_configs(tmp_path, capsys):
     assert rc == 1 and "config differs" in err and "num_layers" in err
 
 
+def test_record_refuses_a_log_of_two_runs(tmp_path, capsys):
+    log = write_run(tmp_path, "twice")
+    log.write_text(log.read_text() * 2)
+    rc, _ = record(tmp_path, log)
+    assert rc == 1 and "two runs share this RUN_ID" in capsys.readouterr().err
+
+
 def test_record_refuses_changed_shipped_code(tmp_path, capsys):
     log = write_run(tmp_path, "edited")
     (tmp_path / "submission_edited.py").write_bytes(SHIPPED_CODE + b"# edited\n")
