@@ -42,8 +42,8 @@ abs_path() { "$PY" -c 'import os, sys; print(os.path.realpath(sys.argv[1]))' "$1
 # A tiny model and short budget so the whole CPU pipeline (train, GPTQ, every eval stage) takes minutes.
 cpu_smoke_defaults() {
   default VOCAB_SIZE 1024
-  default NUM_LAYERS 2; default MODEL_DIM 64; default NUM_HEADS 2; default NUM_KV_HEADS 1; default MLP_MULT 2
-  default XSA_LAST_N 2; default LOOP_START 1; default LOOP_END 1; default NUM_LOOPS 1; default PARALLEL_START 1
+  default NUM_LAYERS 3; default MODEL_DIM 64; default NUM_HEADS 2; default NUM_KV_HEADS 1; default MLP_MULT 2
+  default XSA_LAST_N 3; default LOOP_START 1; default LOOP_END 1; default NUM_LOOPS 1; default PARALLEL_START 2
   default TRAIN_SEQ_LEN 256; default EVAL_SEQ_LEN 256; default TRAIN_BATCH_TOKENS 8192; default MICRO_BATCH_SEQS 16
   default VAL_BATCH_TOKENS 16384; default EVAL_STRIDE 128
   default MAX_WALLCLOCK_SECONDS 90; default GPTQ_RESERVE_SECONDS 5; default WARMUP_STEPS 1
