@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -107,14 +106,23 @@ def train_tokenizer(docs: Path, vocab_size: int, n_docs: int, prefix: Path) -> N
     """Train sentencepiece BPE on the first n_docs documents, as the challenge did (NUL -> space, stripped, empties skipped)."""
     import sentencepiece as spm
 
-    texts = (t.replace("\x00", " ").strip() for t in itertools.islice(iter_docs(docs), n_docs))
-    log(f"training a {vocab_size}-piece BPE tokenizer on the first {n_docs} documents")
-    with tempfile.TemporaryDirectory() as tmp:  # the trainer writes prefix.model/.vocab; move them only when done
-        tmp_prefix = os.path.join(tmp, prefix.name)
-        spm.SentencePieceTrainer.train(sentence_iterator=(t for t in texts if t), model_prefix=tmp_prefix,
+    texts = [t.replace("\x00", " ").strip() for t in itertools.islice(iter_docs(docs), n_docs)]
+    log(f"training a {vocab_size}-piece BPE tokenizer on the first {len(texts)} documents")
+    # model_writer instead of model_prefix: the prefix would be stored inside the model and make it path-dependent.
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=(t for t in texts if t), model_writer=model,
                                        vocab_size=vocab_size, minloglevel=2, **TRAINER_SETTINGS)
-        for suffix in (".model", ".vocab"):
-            shutil.move(tmp_prefix + suffix, str(prefix) + suffix)
+    except RuntimeError as error:
+        raise InputError(f"{docs}: tokenizer training on the first {len(texts)} documents failed ({' '.join(str(error).split())}); "
+                         "check --vocab-size and --tokenizer-docs") from None
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    if sp.vocab_size() != vocab_size:  # hard_vocab_limit=False stops early when the text runs out of merges
+        raise InputError(f"{docs}: the first {len(texts)} documents only support a {sp.vocab_size()}-piece tokenizer, "
+                         f"not {vocab_size}; raise --tokenizer-docs or lower --vocab-size")
+    Path(f"{prefix}.model").write_bytes(model.getvalue())
+    Path(f"{prefix}.vocab").write_text("".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size())),
+                                       encoding="utf-8")
 
 
 def check_tokenizer(model_path: Path, vocab_size: int):
@@ -205,7 +213,8 @@ def build(args: argparse.Namespace) -> dict:
     dataset_dir = out / "datasets" / f"fineweb10B_sp{vocab_size}"
     tokenizer_dir = out / "tokenizers"
     tokenizer_path = tokenizer_dir / f"fineweb_{vocab_size}_bpe.model"
-    next(iter_docs(docs), None)  # fail on a missing or unreadable file before any work
+    if next(iter_docs(docs), None) is None:  # also fails early on a missing or unreadable file
+        raise InputError(f"{docs}: no documents; each line must be {{\"text\": \"...\"}}")
     dataset_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     for stale in itertools.chain(dataset_dir.glob("fineweb_train_*.bin"), dataset_dir.glob("fineweb_val_*.bin")):
@@ -253,8 +262,6 @@ def build(args: argparse.Namespace) -> dict:
     for writer in writers.values():
         writer.flush()
 
-    if stats["val"]["documents"] + stats["train"]["documents"] == 0:
-        raise InputError(f"{docs}: no documents; each line must be {{\"text\": \"...\"}}")
     if stats["val"]["documents"] < args.val_docs or stats["train"]["documents"] == 0:
         raise InputError(f"{docs}: only {stats['val']['documents'] + stats['train']['documents']} documents, need more than "
                          f"--val-docs {args.val_docs} so that some are left for training; lower --val-docs")
