@@ -429,3 +429,85 @@ def test_prepare_docs_bad_input_exits_with_one_clear_line(tmp_path, case, sp1024
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert last_line.startswith("prepare_docs: error:") and expect in last_line
+
+
+# --------------------------------------------------------------------------------------------------
+# data/cached_challenge_fineweb.py, against a local hub cache laid out like the published repos
+
+DOWNLOADER = REPO_ROOT / "data" / "cached_challenge_fineweb.py"
+
+
+def fake_hub_repo(cache: Path, repo_id: str, vocab: int, train_shards: int, manifest_names=None) -> Path:
+    """A huggingface_hub cache entry (refs/main -> snapshot) holding a repo's files under datasets/."""
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = cache / f"datasets--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    root = repo / "snapshots" / commit / "datasets"
+    shards = root / "datasets" / f"fineweb10B_sp{vocab}"
+    shards.mkdir(parents=True)
+    for i in range(2):
+        write_shard(shards / f"fineweb_val_{i:06d}.bin", [tg.BOS_ID, 100 + i, 200 + i])
+    for i in range(train_shards):
+        write_shard(shards / f"fineweb_train_{i:06d}.bin", [tg.BOS_ID, 300 + i, 400 + i, 500 + i])
+    (root / "tokenizers").mkdir()
+    for suffix in (".model", ".vocab"):
+        (root / "tokenizers" / f"fineweb_{vocab}_bpe{suffix}").write_bytes(f"{repo_id} {vocab}{suffix}".encode())
+    if manifest_names is not None:
+        (root / "manifest.json").write_text(json.dumps({"datasets": [
+            {"name": name, "stats": {"files_train": train_shards, "files_val": 2}} for name in manifest_names]}))
+    return root
+
+
+def run_downloader(cache: Path, *args, offline=True, endpoint=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1" if offline else "0"}
+    if endpoint:
+        env["HF_ENDPOINT"] = endpoint
+    return subprocess.run([sys.executable, str(DOWNLOADER), *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+def test_downloader_places_the_standard_layout_from_each_variants_repo(tmp_path):
+    cache, out = tmp_path / "hub", tmp_path / "data"
+    sp1024_repo = fake_hub_repo(cache, "willdepueoai/parameter-golf", 1024, 3, manifest_names=["fineweb10B_sp1024"])
+    sp8192_repo = fake_hub_repo(cache, "kevclark/parameter-golf", 8192, 3)  # no manifest, like the real repo
+
+    # sp1024 first, so its repo's manifest is cached when sp8192 (which it does not list) is fetched.
+    for variant, vocab, repo in (("sp1024", 1024, sp1024_repo), ("sp8192", 8192, sp8192_repo)):
+        result = run_downloader(cache, "--variant", variant, "--train-shards", 2, "--out", out)
+        assert result.returncode == 0, result.stderr
+        dataset = out / "datasets" / f"fineweb10B_sp{vocab}"
+        assert sorted(p.name for p in dataset.iterdir()) == [
+            "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin", "fineweb_val_000001.bin"]
+        for shard in dataset.iterdir():
+            assert shard.read_bytes() == (repo / "datasets" / dataset.name / shard.name).read_bytes()
+        assert tg.load_validation_tokens(str(dataset), vocab).tolist() == [1, 100, 200, 1, 101, 201]
+        for suffix in (".model", ".vocab"):
+            name = f"fineweb_{vocab}_bpe{suffix}"
+            assert (out / "tokenizers" / name).read_bytes() == (repo / "tokenizers" / name).read_bytes()
+    assert not (out / "manifest.json").exists()  # no shared manifest file that a later repo could misread
+
+
+@pytest.mark.parametrize("case", ["manifest_lacks_variant", "too_many_shards", "no_manifest_too_many_shards"])
+def test_downloader_explains_what_the_repo_lacks(tmp_path, case):
+    cache = tmp_path / "hub"
+    fake_hub_repo(cache, "willdepueoai/parameter-golf", 1024, 3, manifest_names=["fineweb10B_sp1024"])
+    fake_hub_repo(cache, "kevclark/parameter-golf", 8192, 3)
+    args, expect = {
+        "manifest_lacks_variant": (["--variant", "sp8192", "--repo-id", "willdepueoai/parameter-golf"], "lists no fineweb10B_sp8192"),
+        "too_many_shards": (["--variant", "sp1024", "--train-shards", 5], "has 3 training shards, 5 requested"),
+        "no_manifest_too_many_shards": (["--variant", "sp8192", "--train-shards", 5], "2 of 5 requested training shards are missing"),
+    }[case]
+    result = run_downloader(cache, *args, "--out", tmp_path / "data")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert expect in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_downloader_without_hub_fails_fast_and_names_prepare_docs(tmp_path, offline):
+    # Port 9 on localhost refuses connections at once; offline mode with an empty cache is the other way to have no hub.
+    result = run_downloader(tmp_path / "empty_cache", "--variant", "sp1024", "--train-shards", 1, "--out", tmp_path / "data",
+                            offline=offline, endpoint="http://127.0.0.1:9")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(lines) == 1 and "cannot reach the Hugging Face Hub" in lines[0] and "data/prepare_docs.py" in lines[0]
