@@ -392,9 +392,8 @@ def load_validation_tokens(dataset_dir: str, vocab_size: int) -> Tensor:
 
 def _check_not_validation(files: list[str]) -> None:
     """Training must never read a validation shard: compare real paths with every val shard beside them."""
-    val_paths = set()
-    for folder in {os.path.dirname(os.path.realpath(f)) for f in files} | {os.path.dirname(os.path.abspath(f)) for f in files}:
-        val_paths.update(os.path.realpath(p) for p in glob.glob(os.path.join(folder, "fineweb_val_*.bin")))
+    folders = {os.path.dirname(os.path.realpath(f)) for f in files} | {os.path.dirname(os.path.abspath(f)) for f in files}
+    val_paths = {os.path.realpath(p) for folder in folders for p in glob.glob(os.path.join(folder, "fineweb_val_*.bin"))}
     for f in files:
         if os.path.realpath(f) in val_paths or os.path.basename(os.path.realpath(f)).startswith("fineweb_val_"):
             raise DataError(f"{f}: this training file is a validation shard; remove it from the training files")
@@ -501,6 +500,7 @@ class TrainLoader:
             raise RuntimeError("TrainLoader.next_batch after close()")
         micro_batch, batch = self._queue.get()
         if isinstance(batch, BaseException):
+            self._queue.put((micro_batch, batch))  # the thread has stopped; keep failing the same way
             raise batch
         assert micro_batch == self.micro_batches_done, "prefetch thread out of step"
         self.micro_batches_done += 1
