@@ -33,7 +33,8 @@ SHARD_HEADER_INTS = 256
 BOS_ID = 1
 DOCS_PER_TASK = 256  # documents per worker task: large enough to amortise pickling, small enough to balance
 
-# The challenge's tokenizer trainer settings (SPEC §2); everything else is sentencepiece's default.
+# The challenge's tokenizer trainer settings (SPEC §2); everything else is sentencepiece's default,
+# including max_sentence_length=4192 bytes: the trainer skips longer documents, as the challenge's did.
 TRAINER_SETTINGS = dict(
     model_type="bpe", character_coverage=0.999, byte_fallback=True, split_digits=True,
     normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
@@ -207,28 +208,33 @@ class ShardWriter:
 
 
 def build(args: argparse.Namespace) -> dict:
-    docs, out, vocab_size = Path(args.docs), Path(args.out), args.vocab_size
+    """Build into a staging folder and publish only on success, so a failed run never mixes old and new files."""
+    out, vocab_size = Path(args.out), args.vocab_size
     if not 2 <= vocab_size <= 1 << 16:
         raise InputError(f"--vocab-size {vocab_size}: shards store uint16 ids, use 2..65536")
-    dataset_dir = out / "datasets" / f"fineweb10B_sp{vocab_size}"
-    tokenizer_dir = out / "tokenizers"
-    tokenizer_path = tokenizer_dir / f"fineweb_{vocab_size}_bpe.model"
-    if next(iter_docs(docs), None) is None:  # also fails early on a missing or unreadable file
-        raise InputError(f"{docs}: no documents; each line must be {{\"text\": \"...\"}}")
-    dataset_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    for stale in itertools.chain(dataset_dir.glob("fineweb_train_*.bin"), dataset_dir.glob("fineweb_val_*.bin")):
-        stale.unlink()  # a smaller rebuild must not leave shards of an older one behind
+    if next(iter_docs(Path(args.docs)), None) is None:  # also fails early on a missing or unreadable file
+        raise InputError(f"{args.docs}: no documents; each line must be {{\"text\": \"...\"}}")
+    staging = out / f".prepare_docs_sp{vocab_size}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "shards").mkdir(parents=True)
+    try:
+        manifest = build_staged(args, staging)
+        publish(staging, out, vocab_size, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
 
+
+def build_staged(args: argparse.Namespace, staging: Path) -> dict:
+    docs, vocab_size = Path(args.docs), args.vocab_size
+    tokenizer_path = staging / f"fineweb_{vocab_size}_bpe.model"
     started = time.perf_counter()
     if args.tokenizer:
         source = Path(args.tokenizer)
         if not source.is_file():
             raise InputError(f"{source}: tokenizer not found; pass --tokenizer an existing .model file or omit it to train one")
         check_tokenizer(source, vocab_size)
-        if source.resolve() != tokenizer_path.resolve():
-            shutil.copyfile(source, tokenizer_path)
-            tokenizer_path.with_suffix(".vocab").unlink(missing_ok=True)
+        shutil.copyfile(source, tokenizer_path)
         tokenizer_info = {"source": str(source), "trained": False}
     else:
         train_tokenizer(docs, vocab_size, args.tokenizer_docs, tokenizer_path.with_suffix(""))
@@ -236,10 +242,9 @@ def build(args: argparse.Namespace) -> dict:
         tokenizer_info = {"trained": True, "train_docs": args.tokenizer_docs, "trainer_settings": TRAINER_SETTINGS}
         log(f"tokenizer trained in {time.perf_counter() - started:.1f}s")
 
-    writers = {split: ShardWriter(dataset_dir, split, args.shard_tokens) for split in ("val", "train")}
+    writers = {split: ShardWriter(staging / "shards", split, args.shard_tokens) for split in ("val", "train")}
     stats = {split: {"documents": 0, "tokens": 0, "raw_bytes": 0, "normalized_bytes": 0} for split in writers}
-    encode_started = time.perf_counter()
-    last_report = encode_started
+    encode_started = last_report = time.perf_counter()
 
     def tasks():
         """Batches never straddle the val/train boundary, so each result belongs to one split."""
@@ -265,23 +270,38 @@ def build(args: argparse.Namespace) -> dict:
     if stats["val"]["documents"] < args.val_docs or stats["train"]["documents"] == 0:
         raise InputError(f"{docs}: only {stats['val']['documents'] + stats['train']['documents']} documents, need more than "
                          f"--val-docs {args.val_docs} so that some are left for training; lower --val-docs")
-
-    manifest = {
-        "docs": str(docs),
-        "vocab_size": vocab_size,
-        "settings": {"val_docs": args.val_docs, "shard_tokens": args.shard_tokens, "bos_id": BOS_ID, "eos_appended": False},
-        "tokenizer": {"file": str(tokenizer_path.relative_to(out)), "sha256": sha256_of(tokenizer_path), **tokenizer_info},
-        "splits": {split: {**stats[split], "shards": writers[split].files} for split in ("val", "train")},
-        "dataset_dir": str(dataset_dir.relative_to(out)),
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    seconds = time.perf_counter() - started
     for split in ("val", "train"):
         s = stats[split]
         log(f"{split}: {s['documents']} documents, {s['tokens']:,} tokens, {s['normalized_bytes']:,} bytes "
             f"({s['normalized_bytes'] / max(1, s['tokens'] - s['documents']):.3f} bytes/token), {len(writers[split].files)} shards")
-    log(f"done in {seconds:.1f}s (tokenizing {time.perf_counter() - encode_started:.1f}s) -> {out}")
-    return manifest
+    log(f"built in {time.perf_counter() - started:.1f}s (tokenizing {time.perf_counter() - encode_started:.1f}s)")
+    return {
+        "docs": str(docs),
+        "vocab_size": vocab_size,
+        "settings": {"val_docs": args.val_docs, "shard_tokens": args.shard_tokens, "bos_id": BOS_ID, "eos_appended": False},
+        "tokenizer": {"file": f"tokenizers/{tokenizer_path.name}", "sha256": sha256_of(tokenizer_path), **tokenizer_info},
+        "splits": {split: {**stats[split], "shards": writers[split].files} for split in ("val", "train")},
+        "dataset_dir": f"datasets/fineweb10B_sp{vocab_size}",
+    }
+
+
+def publish(staging: Path, out: Path, vocab_size: int, manifest: dict) -> None:
+    """Replace the dataset's shards, tokenizer and manifest with the staged ones."""
+    dataset_dir, tokenizer_dir = out / manifest["dataset_dir"], out / "tokenizers"
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    for stale in itertools.chain(dataset_dir.glob("fineweb_train_*.bin"), dataset_dir.glob("fineweb_val_*.bin")):
+        stale.unlink()  # a smaller rebuild must not leave shards of an older one behind
+    for shard in sorted((staging / "shards").iterdir()):
+        os.replace(shard, dataset_dir / shard.name)
+    for suffix in (".model", ".vocab"):
+        staged, final = staging / f"fineweb_{vocab_size}_bpe{suffix}", tokenizer_dir / f"fineweb_{vocab_size}_bpe{suffix}"
+        if staged.exists():
+            os.replace(staged, final)
+        else:
+            final.unlink(missing_ok=True)  # a reused tokenizer has no .vocab; drop one left by an older build
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    log(f"wrote {out}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

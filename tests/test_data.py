@@ -378,6 +378,14 @@ def test_prepare_docs_reuses_a_given_tokenizer(tmp_path, corpus_path, sp1024_mod
     expected = [i for t in docs[:10] for i in [tg.BOS_ID] + sp.encode(t)]
     assert tg.load_validation_tokens(str(out / "datasets" / "fineweb10B_sp1024"), 1024).tolist() == expected
 
+    # A rebuild that fails half-way leaves the previous dataset exactly as it was.
+    before = dataset_files(out)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(source.read_text() + "not json\n")
+    result = run_prepare("--docs", broken, "--vocab-size", 1024, "--val-docs", 10, "--out", out, "--workers", 1, check=False)
+    assert result.returncode != 0 and ":61: not valid JSON" in result.stderr
+    assert dataset_files(out) == before
+
 
 def test_prepare_docs_reads_every_compression(tmp_path):
     texts = ["first doc", "second \u00e9 doc", "third"]
