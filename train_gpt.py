@@ -413,7 +413,8 @@ class TrainLoader:
             raise DataError(f"no training shards given; {DATA_HELP}")
         _check_not_validation(files)
         self.files = list(files)
-        self.shards = [read_shard(f) for f in self.files]  # ids are range-checked per batch, not by a full scan
+        # Plain ndarray views of the memory maps (cheaper to slice); ids are range-checked per batch, not by a full scan.
+        self.shards = [np.asarray(read_shard(f)) for f in self.files]
         self.window = seq_len + 1
         self.micro_batch_seqs = micro_batch_seqs
         self.grad_accum_steps = grad_accum_steps
@@ -450,18 +451,20 @@ class TrainLoader:
         """Windows [micro_batch_seqs, seq_len+1] of this rank's micro-batch number `micro_batch`, int64 on the host."""
         step, micro_step = divmod(micro_batch, self.grad_accum_steps)
         first = step * self.sequences_per_step + self.rank_first_sequence + micro_step * self.micro_batch_seqs
-        rows = []
+        rows, row_shards = [], []
         for index in range(first, first + self.micro_batch_seqs):
             epoch, slot = divmod(index, self.windows_per_epoch)
             phase, order = self._epoch_order(epoch)
             window_id = int(order[slot])
             shard = int(np.searchsorted(self.shard_first_window, window_id, side="right")) - 1
             start = phase + (window_id - int(self.shard_first_window[shard])) * self.window
-            row = self.shards[shard][start:start + self.window]
-            if int(row.max()) >= self.vocab_size:
+            rows.append(self.shards[shard][start:start + self.window])
+            row_shards.append(shard)
+        windows = np.stack(rows)
+        if int(windows.max()) >= self.vocab_size:
+            for row, shard in zip(rows, row_shards):
                 _check_token_range(row, self.vocab_size, self.files[shard])
-            rows.append(row)
-        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+        batch = torch.from_numpy(windows.astype(np.int64))
         return batch.pin_memory() if self.pin_memory else batch
 
     def _produce(self, first_micro_batch: int, stop: threading.Event, out: queue.Queue) -> None:
