@@ -1802,8 +1802,7 @@ def git_commit(folder: Path) -> str | None:
 
 
 def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
-    source_path = Path(__file__).resolve()
-    source = source_path.read_text(encoding="utf-8")
+    source = read_script_source()  # the readable file, or the shipped copy's own source
     log(source, console=False)  # the log reproduces the run
     log(f"run_id:{run_id} python:{sys.version.split()[0]} torch:{torch.__version__} device:{runtime.device}"
         + (f" ({torch.cuda.get_device_name(runtime.device)})" if runtime.device.type == "cuda" else ""))
@@ -1829,7 +1828,7 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     log.metrics(event="config", **h.as_dict(), world_size=runtime.world_size, grad_accum_steps=grad_accum_steps,
                 device_name=torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "cpu",
                 torch_version=torch.__version__, python_version=sys.version.split()[0],
-                attention_backend=backend, num_params=num_params, git_commit=git_commit(source_path.parent))
+                attention_backend=backend, num_params=num_params, git_commit=git_commit(Path(__file__).resolve().parent))
     final = dict(event="final", status="ok", error=None, world_size=runtime.world_size, train_time_s=0.0)
 
     if h.eval_only:
