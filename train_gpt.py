@@ -716,11 +716,11 @@ class MuonBank:
         self.n_local = self.n_pad // world
         rows, cols = params[0].shape
         self.shape = (rows, cols)
-        self.momentum = torch.zeros(self.n_local, rows, cols, device=params[0].device, dtype=torch.float32)
+        self.momentum = torch.zeros(self.n_local, rows, cols, device=params[0].device, dtype=params[0].dtype)
 
     def stacked_grads(self) -> Tensor:
         rows, cols = self.shape
-        g = torch.zeros(self.n_pad, rows, cols, device=self.params[0].device, dtype=torch.float32)
+        g = torch.zeros(self.n_pad, rows, cols, device=self.params[0].device, dtype=self.params[0].dtype)
         for i, p in enumerate(self.params):
             if p.grad is not None:
                 g[i].copy_(p.grad)
@@ -783,7 +783,7 @@ class Optimizers:
         # 1) Launch gradient averaging: banks reduce-scattered, AdamW grads packed into one all-reduce.
         pending = [self._reduce_scatter_mean(bank.stacked_grads(), bank) for bank in self.banks]
         adam_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.adam_params]
-        flat = torch.cat([g.flatten().float() for g in adam_grads])
+        flat = torch.cat([g.flatten() for g in adam_grads])
         adam_work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True) if world > 1 else None
         local_grads = []
         for bank, (work, g) in zip(self.banks, pending):

@@ -1,0 +1,114 @@
+"""Step-time benchmark of train_gpt.py's real training step (model + Muon/AdamW) on random tokens.
+
+Reports compile + warm-up time, steady ms/step without and with looping, tok/s, MFU against a bf16
+matmul peak measured in the same process, and peak memory. The config comes from the same env vars
+as train_gpt.py (defaults = the record config, global batch 786,432 tokens).
+
+    python bench/step_time.py                      # one GPU
+    torchrun --nproc_per_node=8 bench/step_time.py  # several (same global batch)
+    BENCH_STEPS=20 BENCH_WARMUP=3 python bench/step_time.py
+"""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+
+class RandomTokens:
+    """Stands in for TrainLoader: fixed random batches already on the device (no I/O in the timing)."""
+
+    def __init__(self, h, micro_seqs, device, count=4):
+        g = torch.Generator().manual_seed(0)
+        self.batches = [torch.randint(0, h.vocab_size, (micro_seqs, h.train_seq_len + 1), generator=g).to(device)
+                        for _ in range(count)]
+        self.i = 0
+
+    def next_batch(self):
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return b[:, :-1], b[:, 1:]
+
+
+def matmul_peak_tflops(device, n=8192, reps=20):
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def flops_per_token(h, looping):
+    """6 x (matrix params of the virtual layer stack + tied head) + causal attention 6*T/2*d per layer."""
+    layers = len(tg.loop_schedule(h.num_layers, h.loop_start, h.loop_end, h.num_loops, looping))
+    d, kv = h.model_dim, h.num_kv_heads * h.head_dim
+    per_layer = d * d * 2 + d * kv * 2 + 2 * d * h.mlp_mult * d
+    attention = 6 * (h.train_seq_len // 2) * d * 2
+    return 6 * (layers * per_layer + h.vocab_size * d) + layers * attention
+
+
+def time_steps(model, opt, loader, accum, steps, sync):
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        tg.train_step(model, opt, loader, accum, 1.0, 0.95)
+    sync()
+    return (time.perf_counter() - t) / steps
+
+
+def main():
+    h = tg.Hyperparameters()
+    runtime = tg.setup_distributed()
+    steps = int(os.environ.get("BENCH_STEPS", "10"))
+    warmup = int(os.environ.get("BENCH_WARMUP", "3"))
+    backend = tg.select_attention_backend(runtime.device)
+    model = tg.build_model(h, runtime, backend)
+    micro, accum = tg.batch_layout(h, runtime)
+    opt = tg.Optimizers(model, h, runtime)
+    loader = RandomTokens(h, micro, runtime.device)
+    sync = (lambda: torch.cuda.synchronize()) if runtime.device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    mode = tg.compile_model(model, h, runtime)
+    results = {"compile": mode, "attention_backend": backend, "world_size": runtime.world_size,
+               "grad_accum_steps": accum, "micro_batch_seqs": micro, "batch_tokens": h.train_batch_tokens}
+    for looping in (False, True):
+        model.looping = looping
+        t = time.perf_counter()
+        time_steps(model, opt, loader, accum, warmup, sync)
+        results[f"warmup_s_loop{int(looping)}"] = time.perf_counter() - t
+    results["compile_warmup_s"] = time.perf_counter() - t0
+    peak = matmul_peak_tflops(runtime.device) if runtime.device.type == "cuda" else float("nan")
+    results["matmul_peak_tflops"] = peak
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for looping in (False, True):
+        model.looping = looping
+        sec = time_steps(model, opt, loader, accum, steps, sync)
+        tok_s = h.train_batch_tokens / sec
+        key = "loop" if looping else "noloop"
+        results[f"{key}_ms_per_step"] = sec * 1000
+        results[f"{key}_tok_s"] = tok_s
+        results[f"{key}_mfu"] = flops_per_token(h, looping) * tok_s / (peak * 1e12 * runtime.world_size)
+    if runtime.device.type == "cuda":
+        results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if runtime.is_main:
+        print(json.dumps(results))
+        print(f"{'phase':<10}{'ms/step':>10}{'tok/s':>12}{'MFU':>8}")
+        for key in ("noloop", "loop"):
+            print(f"{key:<10}{results[key + '_ms_per_step']:>10.1f}{results[key + '_tok_s']:>12.0f}{results[key + '_mfu']:>8.1%}")
+        print(f"compile+warmup {results['compile_warmup_s']:.1f}s  matmul peak {peak:.0f} TFLOP/s  "
+              f"peak mem {results.get('peak_memory_gib', float('nan')):.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

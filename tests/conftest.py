@@ -1,0 +1,8 @@
+import sys
+from pathlib import Path
+
+# Tests import train_gpt.py and tests/tiny.py from the checkout.
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
