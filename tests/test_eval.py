@@ -1,9 +1,6 @@
 """Evaluation section: plain, sliding-window and legal score-first TTT evaluation (SPEC §7)."""
 import math
-import os
 import socket
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,24 +8,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_gpt as tg  # noqa: E402
+import train_gpt as tg
+from tiny import tiny_hparams
 
-TINY_ENV = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", VOCAB_SIZE="256",
-                LOOP_START="0", LOOP_END="0", NUM_LOOPS="1", PARALLEL_START="1", TRAIN_SEQ_LEN="32",
-                TRAIN_BATCH_TOKENS="256", MICRO_BATCH_SEQS="2", EVAL_SEQ_LEN="32", EVAL_STRIDE="8",
-                VAL_BATCH_TOKENS="128", TTT_CHUNK_TOKENS="64", TTT_LR="0.05", TTT_EPOCHS="2")
+# Small windows, stride, batches and chunks, so that every plan has several of each.
+EVAL_ENV = dict(EVAL_SEQ_LEN=32, EVAL_STRIDE=8, VAL_BATCH_TOKENS=128, TTT_CHUNK_TOKENS=64, TTT_LR=0.05,
+                TTT_EPOCHS=2, MICRO_BATCH_SEQS=2)
 NUM_TARGETS = 300  # not a multiple of the window or the chunk: the tails must be scored too
 
 
-def make_hparams(**overrides) -> tg.Hyperparameters:
-    saved = dict(os.environ)
-    os.environ.update({**TINY_ENV, **{k: str(v) for k, v in overrides.items()}})
-    try:
-        return tg.Hyperparameters()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+def make_hparams(monkeypatch=None, **overrides) -> tg.Hyperparameters:
+    return tiny_hparams(monkeypatch, **{**EVAL_ENV, **overrides})
 
 
 def make_model(h: tg.Hyperparameters, seed: int = 0) -> tg.GPT:
@@ -116,8 +106,8 @@ def test_window_batch_never_reads_past_the_scored_span():
 
 # ------------------------------------------------------------------ real model, one process
 
-def test_sliding_equals_full_context_when_stream_fits_one_window():
-    h = make_hparams()
+def test_sliding_equals_full_context_when_stream_fits_one_window(monkeypatch):
+    h = make_hparams(monkeypatch)
     model, tables = make_model(h), make_tables(h.vocab_size)
     val = make_stream(20, h.vocab_size)
     model.looping = True
@@ -130,17 +120,17 @@ def test_sliding_equals_full_context_when_stream_fits_one_window():
     assert model.looping is False  # restored
 
 
-def test_sliding_with_stride_equal_to_window_is_plain():
+def test_sliding_with_stride_equal_to_window_is_plain(monkeypatch):
     # A whole number of windows: otherwise sliding gives the tail more context than plain does.
-    h = make_hparams(EVAL_STRIDE=32)
+    h = make_hparams(monkeypatch, EVAL_STRIDE=32)
     model, tables, val = make_model(h), make_tables(h.vocab_size), make_stream(9 * 32, h.vocab_size)
     plain, sliding = tg.eval_plain(model, val, tables, h, CPU), tg.eval_sliding(model, val, tables, h, CPU)
     assert sliding.loss == pytest.approx(plain.loss, rel=1e-6)
     assert sliding.bpb == pytest.approx(plain.bpb, rel=1e-6)
 
 
-def test_counts_and_bytes_match_the_validation_stream():
-    h = make_hparams()
+def test_counts_and_bytes_match_the_validation_stream(monkeypatch):
+    h = make_hparams(monkeypatch)
     model, tables, val = make_model(h), make_tables(h.vocab_size), make_stream(NUM_TARGETS, h.vocab_size)
     expected_bytes = all_target_bytes(tables, val)
     results = [tg.eval_plain(model, val, tables, h, CPU), tg.eval_sliding(model, val, tables, h, CPU),
@@ -152,8 +142,8 @@ def test_counts_and_bytes_match_the_validation_stream():
     assert results[1].loss != pytest.approx(results[0].loss, rel=1e-4)  # context matters in this model
 
 
-def test_ttt_with_zero_lr_equals_sliding_and_with_lr_changes_weights():
-    h = make_hparams(TTT_LR=0)
+def test_ttt_with_zero_lr_equals_sliding_and_with_lr_changes_weights(monkeypatch):
+    h = make_hparams(monkeypatch, TTT_LR=0)
     model, tables, val = make_model(h), make_tables(h.vocab_size), make_stream(NUM_TARGETS, h.vocab_size)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sliding = tg.eval_sliding(model, val, tables, h, CPU)
@@ -161,7 +151,7 @@ def test_ttt_with_zero_lr_equals_sliding_and_with_lr_changes_weights():
     assert frozen.loss == pytest.approx(sliding.loss, rel=1e-12, abs=0)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
-    trained = tg.eval_ttt(model, val, tables, make_hparams(), CPU)
+    trained = tg.eval_ttt(model, val, tables, make_hparams(monkeypatch, TTT_LR=0.05), CPU)
     assert trained.loss != pytest.approx(sliding.loss, rel=1e-6)
     assert not all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # in place
 
@@ -200,8 +190,8 @@ def distinct_stream(num_targets: int) -> torch.Tensor:
     return torch.cat((torch.tensor([tg.BOS_ID]), torch.arange(2, num_targets + 2)))
 
 
-def test_ttt_never_scores_a_target_after_training_on_it():
-    h = make_hparams()
+def test_ttt_never_scores_a_target_after_training_on_it(monkeypatch):
+    h = make_hparams(monkeypatch)
     val = distinct_stream(NUM_TARGETS)
     vocab = NUM_TARGETS + 2
     model, tables = RecordingModel(vocab), make_tables(vocab)
