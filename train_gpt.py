@@ -223,8 +223,6 @@ class Hyperparameters:
             raise ConfigError(f"PARALLEL_START={self.parallel_start} must be after LOOP_END={self.loop_end}: a looped span cannot re-enter single-stream layers from two lanes")
         if self.train_batch_tokens % self.train_seq_len:
             raise ConfigError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
-        if self.eval_stride > self.eval_seq_len:
-            raise ConfigError(f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}: a window scores at most its own length")
         if self.max_wallclock_seconds and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise ConfigError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
 
@@ -975,9 +973,9 @@ def plain_windows(num_targets: int, seq_len: int) -> Tensor:
 def sliding_windows(num_targets: int, seq_len: int, stride: int) -> Tensor:
     """The first window scores its seq_len targets; each later one ends `stride` further and scores
     only those new targets, so every target sees >= seq_len - stride tokens of context. The last
-    window ends at the last target (it may score fewer than `stride`)."""
-    if not 1 <= stride <= seq_len:
-        raise ValueError(f"EVAL_STRIDE={stride} must lie in 1..EVAL_SEQ_LEN={seq_len}")
+    window ends at the last target (it may score fewer than `stride`). A stride longer than the
+    window is taken as the window length: a window cannot score more targets than it holds."""
+    stride = min(stride, seq_len)
     first_end = min(seq_len, num_targets)
     later_ends = torch.arange(first_end + stride, num_targets + stride, stride).clamp(max=num_targets)
     ends = torch.cat((torch.tensor([first_end]), later_ends))

@@ -79,6 +79,10 @@ def test_sliding_plan_scores_every_target_once_with_enough_context(num_targets, 
         assert start == 0 or score_from - start >= seq_len - stride  # context of the first scored target
 
 
+def test_stride_longer_than_the_window_scores_whole_windows():
+    assert tg.sliding_windows(70, 32, 64).tolist() == [[0, 0, 32], [32, 32, 64], [38, 64, 70]]
+
+
 def test_plain_plan_covers_the_tail():
     windows = tg.plain_windows(70, 32).tolist()
     assert windows == [[0, 0, 32], [32, 32, 64], [64, 64, 70]]
