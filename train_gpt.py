@@ -140,7 +140,7 @@ class Hyperparameters:
         self.micro_batch_seqs = env_int("MICRO_BATCH_SEQS", 48, "sequences per forward/backward on one rank (gradient accumulation fills the rest)", min_value=1)
         self.val_loss_every = env_int("VAL_LOSS_EVERY", 0, "plain validation every N steps during training; 0 = only at the end", min_value=0)
         self.train_log_every = env_int("TRAIN_LOG_EVERY", 50, "log a step line every N steps", min_value=1)
-        self.compile_mode = env_str("COMPILE", "auto", "torch.compile: auto (regional on CUDA, off on CPU), regional, full, none", ("auto", "regional", "full", "none"))
+        self.compile = env_str("COMPILE", "auto", "torch.compile: auto (regional on CUDA, off on CPU), regional, full, none", ("auto", "regional", "full", "none"))
 
         # Model shape.
         self.num_layers = env_int("NUM_LAYERS", 11, "physical transformer layers", min_value=1)
@@ -206,6 +206,7 @@ class Hyperparameters:
         self.ttt_chunk_tokens = env_int("TTT_CHUNK_TOKENS", 32768, "TTT chunk length in tokens", min_value=1)
         self.ttt_grad_clip = env_float("TTT_GRAD_CLIP", 1.0, "TTT gradient-norm clip; 0 = off", min_value=0)
         self.eval_only = env_str("EVAL_ONLY", "", "path of a saved .ptz artifact to re-score without training")
+        self.val_max_tokens = env_int("VAL_MAX_TOKENS", 0, "score only the first N validation tokens (smoke runs; the score is then not comparable); 0 = all", min_value=0)
 
         self._check_consistency()
 
@@ -1182,7 +1183,7 @@ def build_model(h: Hyperparameters, runtime: Runtime, backend: str) -> GPT:
 def compile_model(model: GPT, h: Hyperparameters, runtime: Runtime) -> str:
     """Regional compilation (each block and the head) compiles in seconds and serves every layer;
     full compilation traces the whole unrolled model. Returns the mode used."""
-    mode = h.compile_mode
+    mode = h.compile
     if mode == "auto":
         mode = "regional" if runtime.device.type == "cuda" else "none"
     if mode == "none":
@@ -1349,6 +1350,19 @@ def evaluate_artifact(blob: bytes, h: Hyperparameters, runtime: Runtime, log: Lo
     return results[-1], eval_seconds
 
 
+def git_commit(folder: Path) -> str | None:
+    """The checkout's commit (with '+dirty' when files differ), for reproducing a run from its log."""
+    import subprocess
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode:
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     source_path = Path(__file__).resolve()
     source = source_path.read_text(encoding="utf-8")
@@ -1363,6 +1377,9 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     sp = load_tokenizer(h.tokenizer_file, h.vocab_size)
     tables = build_byte_tables(sp, h.vocab_size)
     val_tokens = load_validation_tokens(h.dataset_dir, h.vocab_size)
+    if h.val_max_tokens and val_tokens.numel() > h.val_max_tokens:
+        val_tokens = val_tokens[: h.val_max_tokens]
+        log(f"WARNING: VAL_MAX_TOKENS={h.val_max_tokens}: scoring a prefix of the validation set; not a comparable score")
     val_bytes = count_validation_bytes(val_tokens, tables)
     log(f"val_tokens:{val_tokens.numel()} val_bytes:{val_bytes}")
     tables = tables.to(runtime.device)
@@ -1374,7 +1391,7 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     log.metrics(event="config", **h.as_dict(), world_size=runtime.world_size, grad_accum_steps=grad_accum_steps,
                 device_name=torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "cpu",
                 torch_version=torch.__version__, python_version=sys.version.split()[0],
-                attention_backend=backend, num_params=num_params)
+                attention_backend=backend, num_params=num_params, git_commit=git_commit(source_path.parent))
     final = dict(event="final", status="ok", error=None, world_size=runtime.world_size, train_time_s=0.0)
 
     if h.eval_only:

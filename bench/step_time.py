@@ -7,6 +7,7 @@ as train_gpt.py (defaults = the record config, global batch 786,432 tokens).
     python bench/step_time.py                      # one GPU
     torchrun --nproc_per_node=8 bench/step_time.py  # several (same global batch)
     BENCH_STEPS=20 BENCH_WARMUP=3 python bench/step_time.py
+    BENCH_PROFILE=1 python bench/step_time.py       # + the top GPU kernels of one step (torch profiler)
 """
 import json
 import os
@@ -66,6 +67,20 @@ def time_steps(model, opt, loader, accum, steps, sync):
     return (time.perf_counter() - t) / steps
 
 
+def profile_one_step(model, opt, loader, accum, sync, runtime):
+    """Top kernels by GPU time over one step of each variant, summed over the step."""
+    from torch.profiler import ProfilerActivity, profile
+    for looping in (False, True):
+        model.looping = looping
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            tg.train_step(model, opt, loader, accum, 1.0, 0.95)
+            sync()
+        if runtime.is_main:
+            print(f"--- profile looping={looping}")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+
+
 def main():
     h = tg.Hyperparameters()
     runtime = tg.setup_distributed()
@@ -101,6 +116,8 @@ def main():
         results[f"{key}_mfu"] = flops_per_token(h, looping) * tok_s / (peak * 1e12 * runtime.world_size)
     if runtime.device.type == "cuda":
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if os.environ.get("BENCH_PROFILE") == "1" and runtime.device.type == "cuda":
+        profile_one_step(model, opt, loader, accum, sync, runtime)
     if runtime.is_main:
         print(json.dumps(results))
         print(f"{'phase':<10}{'ms/step':>10}{'tok/s':>12}{'MFU':>8}")
