@@ -987,8 +987,8 @@ def sliding_windows(num_targets: int, seq_len: int, stride: int) -> Tensor:
 def split_at_chunks(windows: Tensor, chunk_tokens: int, seq_len: int) -> Tensor:
     """Cut the scored spans of a sliding plan at multiples of chunk_tokens, so that each window
     scores targets of one TTT chunk only. Every piece's window still ends where its span ends, so
-    its targets keep at least the context they had; spans that do not straddle a boundary (all of
-    them when the stride divides the chunk) are unchanged."""
+    its targets keep at least the context they had; spans that do not straddle a boundary are
+    unchanged (all of them when the stride divides both the window and the chunk, as by default)."""
     num_targets = int(windows[-1, 2])
     boundaries = torch.arange(0, num_targets, chunk_tokens)
     cuts = torch.cat((windows[:, 1], boundaries, windows[-1:, 2])).unique()  # sorted
