@@ -1587,19 +1587,210 @@ class EvalResult:
     seconds: float
 
 
+# A scoring plan is an int64 tensor of windows, one row (start, score_from, score_to) each, in
+# target indices: target i is val_tokens[i+1], predicted from val_tokens[:i+1]. A window feeds the
+# model inputs val_tokens[start:score_to] (at most EVAL_SEQ_LEN of them) and scores the targets
+# [score_from, score_to). Positions past score_to are padding, so a window never reads a token past
+# the last target it scores, and every forward has the static shape [batch, EVAL_SEQ_LEN].
+PAD_ID = 0
+
+
+def plain_windows(num_targets: int, seq_len: int) -> Tensor:
+    """Non-overlapping windows of seq_len targets; the last one holds the tail (may be shorter)."""
+    starts = torch.arange(0, num_targets, seq_len)
+    return torch.stack((starts, starts, (starts + seq_len).clamp(max=num_targets)), dim=1)
+
+
+def sliding_windows(num_targets: int, seq_len: int, stride: int) -> Tensor:
+    """The first window scores its seq_len targets; each later one ends `stride` further and scores
+    only those new targets, so every target sees >= seq_len - stride tokens of context. The last
+    window ends at the last target (it may score fewer than `stride`). A stride longer than the
+    window is taken as the window length: a window cannot score more targets than it holds."""
+    stride = min(stride, seq_len)
+    first_end = min(seq_len, num_targets)
+    later_ends = torch.arange(first_end + stride, num_targets + stride, stride).clamp(max=num_targets)
+    ends = torch.cat((torch.tensor([first_end]), later_ends))
+    starts_of_span = torch.cat((torch.zeros(1, dtype=torch.long), ends[:-1]))
+    return torch.stack(((ends - seq_len).clamp(min=0), starts_of_span, ends), dim=1)
+
+
+def split_at_chunks(windows: Tensor, chunk_tokens: int, seq_len: int) -> Tensor:
+    """Cut the scored spans of a sliding plan at multiples of chunk_tokens, so that each window
+    scores targets of one TTT chunk only. Every piece's window still ends where its span ends, so
+    its targets keep at least the context they had; spans that do not straddle a boundary are
+    unchanged (all of them when the stride divides both the window and the chunk, as by default)."""
+    num_targets = int(windows[-1, 2])
+    boundaries = torch.arange(0, num_targets, chunk_tokens)
+    cuts = torch.cat((windows[:, 1], boundaries, windows[-1:, 2])).unique()  # sorted
+    ends = cuts[1:]
+    return torch.stack(((ends - seq_len).clamp(min=0), cuts[:-1], ends), dim=1)
+
+
+def window_batch(tokens: Tensor, windows: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(inputs, targets, scored mask), each [len(windows), seq_len], for windows on tokens' device.
+    Position j of a window holds target start+j; positions at or past score_to hold PAD_ID."""
+    positions = windows[:, :1] + torch.arange(seq_len, device=tokens.device)
+    real = positions < windows[:, 2:]
+    scored = real & (positions >= windows[:, 1:2])
+    positions = torch.where(real, positions, 0)  # keep the gather in range
+    inputs = torch.where(real, tokens[positions], PAD_ID)
+    targets = torch.where(real, tokens[positions + 1], PAD_ID)
+    return inputs, targets, scored
+
+
+def pad_windows(windows: Tensor, count: int) -> Tensor:
+    """Append empty windows (0, 0, 0): all padding, nothing scored. Keeps batch shapes static."""
+    missing = count - windows.size(0)
+    return torch.cat((windows, windows.new_zeros(missing, 3))) if missing > 0 else windows
+
+
+def rank_share(begin: int, end: int, runtime: Runtime) -> tuple[int, int]:
+    """This rank's contiguous part of the index range [begin, end)."""
+    n = end - begin
+    return begin + n * runtime.rank // runtime.world_size, begin + n * (runtime.rank + 1) // runtime.world_size
+
+
+def score_windows(model: nn.Module, tokens: Tensor, tables: ByteTables, windows: Tensor, seq_len: int,
+                  batch_windows: int, totals: Tensor) -> None:
+    """Add (nats, bytes, count) of the scored targets of `windows` to `totals` (float64 [3]), in
+    forwards of exactly batch_windows windows. Call under no_grad."""
+    for i in range(0, windows.size(0), batch_windows):
+        inputs, targets, scored = window_batch(tokens, pad_windows(windows[i : i + batch_windows], batch_windows), seq_len)
+        nll = model(inputs, targets, reduction="none")
+        target_bytes = tables.target_bytes(inputs, targets)
+        totals += torch.stack((torch.where(scored, nll.double(), 0.0).sum(),
+                               torch.where(scored, target_bytes, 0).sum().double(),
+                               scored.sum().double()))
+
+
+def eval_result(stage: str, totals: Tensor, seconds: float) -> EvalResult:
+    nats, num_bytes, count = totals.tolist()
+    return EvalResult(stage, nats / count, nats / (math.log(2) * num_bytes), int(count), int(num_bytes), seconds)
+
+
+def eval_windows(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperparameters,
+                 runtime: Runtime, stage: str, windows: Tensor) -> EvalResult:
+    """Score a plan: windows split over ranks, VAL_BATCH_TOKENS per forward, sums all-reduced in float64."""
+    synchronize(runtime)
+    t0 = time.perf_counter()
+    tokens, tables = val_tokens.to(runtime.device), tables.to(runtime.device)
+    begin, end = rank_share(0, windows.size(0), runtime)
+    batch_windows = max(1, h.val_batch_tokens // h.eval_seq_len)
+    totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)
+    previous_looping, model.looping = model.looping, True  # evaluation always uses recurrence
+    try:
+        with torch.no_grad():
+            score_windows(model, tokens, tables, windows[begin:end].to(runtime.device), h.eval_seq_len, batch_windows, totals)
+    finally:
+        model.looping = previous_looping
+    all_reduce_sum(totals, runtime)
+    synchronize(runtime)
+    return eval_result(stage, totals, time.perf_counter() - t0)
+
+
 def eval_plain(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperparameters,
                runtime: Runtime, stage: str = "plain") -> EvalResult:
-    raise NotImplementedError("evaluation section")
+    """Non-overlapping EVAL_SEQ_LEN windows over the whole stream, tail included."""
+    windows = plain_windows(val_tokens.numel() - 1, h.eval_seq_len)
+    return eval_windows(model, val_tokens, tables, h, runtime, stage, windows)
 
 
 def eval_sliding(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperparameters,
                  runtime: Runtime, stage: str = "sliding") -> EvalResult:
-    raise NotImplementedError("evaluation section")
+    """EVAL_SEQ_LEN windows advanced by EVAL_STRIDE; every target scored once with >= len - stride context."""
+    windows = sliding_windows(val_tokens.numel() - 1, h.eval_seq_len, h.eval_stride)
+    return eval_windows(model, val_tokens, tables, h, runtime, stage, windows)
+
+
+def all_reduce_grads(params: list[nn.Parameter], runtime: Runtime) -> None:
+    """Sum gradients over ranks in one flat buffer (one collective instead of one per tensor)."""
+    if not runtime.distributed:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+
+
+def train_on_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                   tokens: Tensor, chunk_begin: int, chunk_end: int, lr: float, h: Hyperparameters,
+                   runtime: Runtime) -> None:
+    """TTT_EPOCHS SGD steps on the (already scored) targets [chunk_begin, chunk_end), each step on
+    the mean loss of the whole chunk. Its EVAL_SEQ_LEN sequences are split over ranks; each rank sums
+    its targets' losses divided by the chunk's target count, so the summed gradients are exactly
+    the chunk's mean-loss gradient for any world size. Inputs come from the chunk itself."""
+    seq_len = h.eval_seq_len
+    starts = torch.arange(chunk_begin, chunk_end, seq_len)
+    sequences = torch.stack((starts, starts, (starts + seq_len).clamp(max=chunk_end)), dim=1)
+    per_rank = math.ceil(sequences.size(0) / runtime.world_size)  # equal on every rank: same collectives
+    mine = pad_windows(sequences[runtime.rank * per_rank : (runtime.rank + 1) * per_rank], per_rank).to(tokens.device)
+    # Micro-batches of as many tokens as a training micro-batch, so TTT fits where training fits.
+    micro = max(1, min(per_rank, h.micro_batch_seqs * h.train_seq_len // seq_len))
+    num_targets = chunk_end - chunk_begin
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for _ in range(h.ttt_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        for i in range(0, per_rank, micro):
+            inputs, targets, trained = window_batch(tokens, pad_windows(mine[i : i + micro], micro), seq_len)
+            nll = model(inputs, targets, reduction="none")
+            (torch.where(trained, nll, 0.0).sum() / num_targets).backward()
+        all_reduce_grads(params, runtime)
+        if h.ttt_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
+        optimizer.step()
 
 
 def eval_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperparameters,
              runtime: Runtime, log=log_nothing, stage: str = "ttt") -> EvalResult:
-    raise NotImplementedError("evaluation section")
+    """Legal score-first test-time training (SPEC §7). The targets are cut into TTT_CHUNK_TOKENS
+    chunks; each chunk is first scored with the sliding plan under no_grad (those losses are the
+    result), then trained on with SGD (momentum TTT_MOMENTUM, TTT_EPOCHS steps, all parameters, clip
+    TTT_GRAD_CLIP, LR TTT_LR cosine-decayed over chunks); the last chunk is never trained on. So each
+    target is scored by weights that have only seen earlier chunks. It runs the model's own forward
+    and CHANGES THE MODEL'S WEIGHTS IN PLACE: run it last, or on a copy."""
+    synchronize(runtime)
+    t0 = time.perf_counter()
+    tokens, tables = val_tokens.to(runtime.device), tables.to(runtime.device)
+    num_targets, seq_len, chunk_tokens = tokens.numel() - 1, h.eval_seq_len, h.ttt_chunk_tokens
+    windows = split_at_chunks(sliding_windows(num_targets, seq_len, h.eval_stride), chunk_tokens, seq_len)
+    chunk_begins = list(range(0, num_targets, chunk_tokens))
+    num_chunks = len(chunk_begins)
+    # Window index range of each chunk (each window scores targets of a single chunk).
+    window_bounds = torch.searchsorted(windows[:, 1].contiguous(), torch.tensor(chunk_begins + [num_targets])).tolist()
+    windows = windows.to(runtime.device)
+    # One batch size for every chunk (static shapes): the largest per-rank share, capped by VAL_BATCH_TOKENS.
+    largest_share = max(math.ceil((b - a) / runtime.world_size) for a, b in zip(window_bounds, window_bounds[1:]))
+    batch_windows = max(1, min(h.val_batch_tokens // seq_len, largest_share))
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+    totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)
+    log_every = max(1, num_chunks // 20)
+    previous_looping, model.looping = model.looping, True  # evaluation always uses recurrence
+    try:
+        for c, chunk_begin in enumerate(chunk_begins):
+            begin, end = rank_share(window_bounds[c], window_bounds[c + 1], runtime)
+            with torch.no_grad():
+                score_windows(model, tokens, tables, windows[begin:end], seq_len, batch_windows, totals)
+            if c < num_chunks - 1:
+                lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
+                chunk_end = min(chunk_begin + chunk_tokens, num_targets)
+                train_on_chunk(model, params, optimizer, tokens, chunk_begin, chunk_end, lr, h, runtime)
+            if (c + 1) % log_every == 0 or c == num_chunks - 1:
+                running = eval_result(stage, all_reduce_sum(totals.clone(), runtime), 0.0)
+                log(f"{stage} chunk:{c + 1}/{num_chunks} running_bpb:{running.bpb:.6f} "
+                    f"elapsed:{time.perf_counter() - t0:.1f}s")
+    finally:
+        model.looping = previous_looping
+        optimizer.zero_grad(set_to_none=True)
+    all_reduce_sum(totals, runtime)
+    synchronize(runtime)
+    return eval_result(stage, totals, time.perf_counter() - t0)
 
 
 # ==================================================================================================

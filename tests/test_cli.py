@@ -109,6 +109,7 @@ def test_record_refuses_changed_shipped_code(tmp_path, capsys):
     ({"world_size": 1, "device_name": "cpu"}, "hardware_8xH100 = 1x cpu"),
     ({"train_time_s": 612.5}, "train_time_s = 612.5"),
     ({"eval_time_s": 640.0}, "eval_time_s = 640.0"),
+    ({"config": {"val_max_tokens": 5000}}, "full_validation_set = 5000"),
 ])
 def test_record_flags_non_compliant_runs(tmp_path, kwargs, problem):
     rc, out = record(tmp_path, write_run(tmp_path, "slow", **kwargs))

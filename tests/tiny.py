@@ -28,3 +28,34 @@ def tiny_hparams(monkeypatch=None, **overrides):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def write_shards(folder, vocab_size, train_tokens=40_000, val_tokens=4_000, seed=0):
+    """A synthetic dataset in the standard layout: BOS-separated documents of random ids that follow a
+    simple pattern (so a model can learn something). Returns the dataset folder."""
+    from pathlib import Path
+
+    import numpy as np
+
+    import train_gpt as tg
+
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+
+    def stream(n):
+        out = []
+        while len(out) < n:
+            start = int(rng.integers(4, vocab_size))
+            doc = [(start + 3 * i) % (vocab_size - 4) + 4 for i in range(int(rng.integers(20, 200)))]
+            out += [tg.BOS_ID] + doc
+        return np.array(out[:n], dtype=np.uint16)
+
+    for split, n in (("train", train_tokens), ("val", val_tokens)):
+        tokens = stream(n)
+        header = np.zeros(tg.SHARD_HEADER_INTS, dtype=np.int32)
+        header[:3] = (tg.SHARD_MAGIC, tg.SHARD_VERSION, len(tokens))
+        (folder).mkdir(parents=True, exist_ok=True)
+        with open(folder / f"fineweb_{split}_000000.bin", "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.tobytes())
+    return folder
