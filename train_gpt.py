@@ -2057,7 +2057,11 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     shipped_code = build_submission_code(source)
     artifact_dir = Path(h.log_dir or ".")
     shipped_code_path = artifact_dir / f"{run_id}_train_gpt.py"
-    blob, report = quantize_and_pack(model, hessians, h, len(shipped_code), log)
+    # Quantization is deterministic: rank 0 does it (compression uses every CPU core) and shares the blob.
+    packed = [quantize_and_pack(model, hessians, h, len(shipped_code), log) if runtime.is_main else None]
+    if runtime.distributed:
+        dist.broadcast_object_list(packed, src=0)
+    blob, report = packed[0]
     artifact_path = artifact_dir / f"final_model.{run_id}.ptz"
     if runtime.is_main:
         shipped_code_path.write_bytes(shipped_code)
