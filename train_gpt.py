@@ -189,7 +189,8 @@ class Hyperparameters:
         self.embed_bits = env_int("EMBED_BITS", 8, "bits of the tied embedding (GPTQ)", min_value=2)
         self.matrix_clip_sigmas = env_float("MATRIX_CLIP_SIGMAS", 12.85, "SDClip: row scale = k*std(row)/(2^(bits-1)-1) for matrices", min_value=0.1)
         self.embed_clip_sigmas = env_float("EMBED_CLIP_SIGMAS", 20.0, "SDClip k for the embedding", min_value=0.1)
-        self.gptq_calibration_batches = env_int("GPTQ_CALIBRATION_BATCHES", 64, "training sequences-batches used for GPTQ Hessians", min_value=1)
+        self.gptq_calibration_batches = env_int("GPTQ_CALIBRATION_BATCHES", 64, "batches of training sequences used for GPTQ Hessians", min_value=1)
+        self.gptq_calibration_seqs = env_int("GPTQ_CALIBRATION_SEQS", 8, "training sequences per GPTQ calibration batch", min_value=1)
         self.gptq_block_size = env_int("GPTQ_BLOCK_SIZE", 128, "GPTQ column block", min_value=1)
         self.gptq_damp = env_float("GPTQ_DAMP", 0.01, "GPTQ damping as a fraction of mean(diag H)", min_value=0)
         self.compressor = env_str("COMPRESSOR", "brotli", "artifact compressor", ("brotli", "zstd", "lzma"))
@@ -1181,7 +1182,8 @@ def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, T
     was_looping = base.looping
     base.looping = True
     try:
-        with torch.no_grad():
+        # Compiled regions would bypass the hooks: run this forward eagerly.
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             for x, y in batches:
                 base(x, y)
     finally:
@@ -1908,11 +1910,11 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
 
     averager = WeightAverager(model, h)
     budget = h.train_budget_seconds
-    training_seconds, step = 0.0, 0
+    training_seconds, elapsed, step = 0.0, 0.0, 0
     synchronize(runtime)
     t_resume = time.perf_counter()
     while step < h.iterations:
-        frac = training_seconds / budget
+        frac = elapsed / budget  # the clock every rank agreed on after the previous step
         if h.num_loops and not model.looping and frac >= h.enable_looping_at:
             model.looping = True
             log(f"looping:on step:{step} train_time:{training_seconds * 1000:.0f}ms order:{model.virtual_order()}")
@@ -1951,9 +1953,12 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
 
 
 def calibration_batches(loader: TrainLoader, h: Hyperparameters, runtime: Runtime):
-    """GPTQ_CALIBRATION_BATCHES training micro-batches in all, split over ranks (never validation data)."""
+    """GPTQ_CALIBRATION_BATCHES batches of GPTQ_CALIBRATION_SEQS training sequences in all, split over
+    ranks (never validation data). 64 x 8 x 2048 = 1M tokens pin down 512..2048-wide Hessians; more
+    only costs time (the hooks' X^T X is fp32 and eager)."""
     for _ in range(max(1, h.gptq_calibration_batches // runtime.world_size)):
-        yield loader.next_batch()
+        x, y = loader.next_batch()
+        yield x[: h.gptq_calibration_seqs], y[: h.gptq_calibration_seqs]
 
 
 def evaluate_artifact(blob: bytes, h: Hyperparameters, runtime: Runtime, log: Logger, backend: str,

@@ -112,3 +112,23 @@ def test_tiny_model_learns_real_text_in_30_seconds(monkeypatch, tmp_path, corpus
     after = _mean_val_loss(model, val, 128)
     assert before > 6.5  # about ln(1024): an untrained model
     assert after < before - 1.0, (before, after)  # ~1.5 nats on an idle 2-core machine
+
+
+def test_loop_follows_the_wallclock_schedule(monkeypatch, tmp_path):
+    """LR warmdown and the looping switch are driven by the elapsed training time."""
+    h, runtime, model, opt, loader, accum = _setup(monkeypatch, tmp_path, MAX_WALLCLOCK_SECONDS=7, GPTQ_RESERVE_SECONDS=1,
+                                                    WARMUP_STEPS=0, TRAIN_LOG_EVERY=1, LOG_DIR=str(tmp_path / "logs"),
+                                                    ENABLE_LOOPING_AT=0.3, WARMDOWN_FRAC=0.5)
+    loader.close()
+    tg.train(model, h, runtime, tg.Logger(runtime, h.log_dir, "run"), val_tokens=None, tables=None)
+    steps = [json.loads(l) for l in open(Path(h.log_dir) / "run.jsonl") if '"step"' in l]
+    assert len(steps) >= 8
+    times = [s["train_time_ms"] / 1000 for s in steps]
+    assert times[-1] >= 6.0  # stopped at the budget (7 s - 1 s reserve), not before
+    # Each step's schedule uses the clock after the previous step.
+    for prev_t, s in zip([0.0] + times, steps):
+        frac = prev_t / 6.0
+        assert s["lr_mult"] == pytest.approx(tg.lr_multiplier(frac, 0.5, 0.0))
+        assert s["looping"] == (frac >= 0.3)
+    assert steps[0]["lr_mult"] == 1.0 and steps[-1]["lr_mult"] < 0.3
+    assert not steps[0]["looping"] and steps[-1]["looping"]
