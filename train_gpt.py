@@ -1917,7 +1917,7 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
         frac = elapsed / budget  # the clock every rank agreed on after the previous step
         if h.num_loops and not model.looping and frac >= h.enable_looping_at:
             model.looping = True
-            log(f"looping:on step:{step} train_time:{training_seconds * 1000:.0f}ms order:{model.virtual_order()}")
+            log(f"looping:on step:{step} train_time:{elapsed * 1000:.0f}ms order:{model.virtual_order()}")
         lr_mult = lr_multiplier(frac, h.warmdown_frac, h.min_lr)
         loss = train_step(model, optimizers, loader, grad_accum_steps, lr_mult, muon_momentum_at(step, h))
         step += 1

@@ -8,6 +8,7 @@ nearest with the configured clip sigmas: GPTQ's ints have ~1% more entropy, the 
 
     python bench/compress.py                       # default 36M model at init
     python bench/compress.py final_state.pt        # a trained state dict
+    python bench/compress.py final_model.X.ptz     # a trained model's artifact (dequantized, then re-quantized)
     BENCH_MAX_MB=4 python bench/compress.py        # only the first 4 MB of the payload (quick look)
 """
 import lzma
@@ -23,6 +24,10 @@ import train_gpt as tg  # noqa: E402
 
 
 def load_state(h):
+    if len(sys.argv) > 1 and sys.argv[1].endswith(".ptz"):
+        model = tg.GPT(h)
+        tg.load_artifact(Path(sys.argv[1]).read_bytes(), model)
+        return {k: v.detach() for k, v in model.state_dict().items()}
     if len(sys.argv) > 1:
         state = torch.load(sys.argv[1], map_location="cpu")
         return {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}

@@ -78,7 +78,7 @@ def profile_one_step(model, opt, loader, accum, sync, runtime):
             sync()
         if runtime.is_main:
             print(f"--- profile looping={looping}")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=110))
 
 
 def main():
