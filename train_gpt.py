@@ -182,6 +182,7 @@ class Hyperparameters:
         # Weight averaging.
         self.averaging = env_str("AVERAGING", "ema", "weights to quantize: ema, swa or none (raw)", ("ema", "swa", "none"))
         self.ema_decay = env_float("EMA_DECAY", 0.9965, "EMA decay cap; the decay ramps as min(cap, (1+t)/(10+t))", min_value=0, max_value=1)
+        self.average_check_seqs = env_int("AVERAGE_CHECK_SEQS", 32, "unseen training sequences that decide between averaged and raw weights; 0 = always averaged", min_value=0)
         self.swa_every = env_int("SWA_EVERY", 50, "SWA: snapshot every N steps during warmdown", min_value=1)
 
         # Quantization and packing.
@@ -1952,6 +1953,41 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
     return loader, averager, training_seconds
 
 
+@torch.no_grad()
+def held_out_train_loss(model: GPT, batches: list[tuple[Tensor, Tensor]], runtime: Runtime) -> float:
+    """Mean loss on training batches the model has not trained on, averaged over ranks (eager)."""
+    with torch.compiler.set_stance("force_eager"):
+        losses = torch.stack([model(x, y) for x, y in batches]).mean()
+    return float(all_reduce_sum(losses.double(), runtime)) / runtime.world_size
+
+
+def choose_averaged_weights(model: GPT, averager: WeightAverager, loader: TrainLoader, h: Hyperparameters,
+                            runtime: Runtime, log: Logger) -> None:
+    """Load the averaged weights unless the raw ones do better on AVERAGE_CHECK_SEQS unseen training
+    sequences (never validation data): averaging helps long runs, can lag very short ones."""
+    if h.averaging == "none":
+        return
+    if h.average_check_seqs == 0:
+        averager.copy_to(model)
+        return
+    per_rank = max(1, h.average_check_seqs // runtime.world_size)
+    batches = []
+    while sum(x.size(0) for x, _ in batches) < per_rank:
+        x, y = loader.next_batch()
+        take = min(8, per_rank - sum(b.size(0) for b, _ in batches))
+        batches.append((x[:take], y[:take]))
+    model.looping = bool(h.num_loops)
+    raw_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    raw_loss = held_out_train_loss(model, batches, runtime)
+    averager.copy_to(model)
+    averaged_loss = held_out_train_loss(model, batches, runtime)
+    keep_raw = raw_loss < averaged_loss
+    if keep_raw:
+        model.load_state_dict(raw_state)
+    log(f"weights: {'raw' if keep_raw else h.averaging} (held-out train loss raw:{raw_loss:.4f} {h.averaging}:{averaged_loss:.4f})")
+    log.metrics(event="weight_choice", chosen="raw" if keep_raw else h.averaging, raw_loss=raw_loss, averaged_loss=averaged_loss)
+
+
 def calibration_batches(loader: TrainLoader, h: Hyperparameters, runtime: Runtime):
     """GPTQ_CALIBRATION_BATCHES batches of GPTQ_CALIBRATION_SEQS training sequences in all, split over
     ranks (never validation data). 64 x 8 x 2048 = 1M tokens pin down 512..2048-wide Hessians; more
@@ -2043,18 +2079,18 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
 
     model.looping = bool(h.num_loops)
     log_eval(log, eval_plain(model, val_tokens, tables, h, runtime, stage="pre_average"))
-    averager.copy_to(model)
-    if h.averaging != "none":
-        log_eval(log, eval_plain(model, val_tokens, tables, h, runtime, stage=f"post_{h.averaging}"))
-
-    # GPTQ calibration reads training data, so it counts toward the training time limit.
+    # Choosing the weights and GPTQ calibration read training data: they count toward the train time.
     synchronize(runtime)
     t0 = time.perf_counter()
+    choose_averaged_weights(model, averager, loader, h, runtime, log)
+    if h.averaging != "none":
+        log_eval(log, eval_plain(model, val_tokens, tables, h, runtime, stage=f"post_{h.averaging}"))
+    synchronize(runtime)
     hessians = collect_hessians(model, calibration_batches(loader, h, runtime), runtime)
     synchronize(runtime)
     calibration_seconds = time.perf_counter() - t0
     loader.close()
-    log_timing(log, "gptq_calibration", calibration_seconds)
+    log_timing(log, "weight_choice_and_gptq_calibration", calibration_seconds)
     train_time_s = training_seconds + calibration_seconds
     over = " OVER THE BUDGET" if h.max_wallclock_seconds and train_time_s > h.max_wallclock_seconds else ""
     log(f"train time incl. GPTQ calibration: {train_time_s:.1f}s (budget {h.max_wallclock_seconds:.0f}s){over}")

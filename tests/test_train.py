@@ -132,3 +132,26 @@ def test_loop_follows_the_wallclock_schedule(monkeypatch, tmp_path):
         assert s["looping"] == (frac >= 0.3)
     assert steps[0]["lr_mult"] == 1.0 and steps[-1]["lr_mult"] < 0.3
     assert not steps[0]["looping"] and steps[-1]["looping"]
+
+
+@pytest.mark.parametrize("drift, expected", [(0.0, "ema"), (5.0, "raw")])
+def test_averaged_weights_are_kept_only_when_they_do_better(monkeypatch, tmp_path, drift, expected):
+    """The choice uses unseen training batches: an average equal to a trained model wins ties
+    against a perturbed raw model; a badly perturbed average loses to the raw weights."""
+    h, runtime, model, opt, loader, accum = _setup(monkeypatch, tmp_path, ITERATIONS=8, MAX_WALLCLOCK_SECONDS=0,
+                                                    WARMUP_STEPS=0, EMA_DECAY=0.0)
+    loader.close()
+    loader, averager, _ = tg.train(model, h, runtime, tg.Logger(runtime, None, "x"), val_tokens=None, tables=None)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # EMA_DECAY=0: the average equals the trained weights; now move one side
+        if drift:
+            for a in averager.average:
+                a.add_(drift * torch.randn_like(a))
+        else:
+            for p in model.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    tg.choose_averaged_weights(model, averager, loader, h, runtime, tg.Logger(runtime, None, "x"))
+    loader.close()
+    reference = trained if expected == "ema" else raw
+    assert all(torch.equal(model.state_dict()[k], reference[k]) for k in reference)
