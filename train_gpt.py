@@ -761,7 +761,13 @@ class Block(nn.Module):
     def _mlp(self, x: Tensor) -> Tensor:
         return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale.to(x.dtype))
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, lane1: Tensor | None = None):
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, lane1: Tensor | None = None,
+                skip: Tensor | None = None, skip_weight: Tensor | None = None, skip_gate: Tensor | None = None):
+        if skip is not None:
+            # U-Net skip (enters lane0): s = w*skip; x = s + sigmoid(g)*(x - s). Done here, inside the
+            # block's compiled region, so that it fuses instead of running as separate kernels.
+            s = skip_weight.to(x.dtype) * skip
+            x = s + torch.sigmoid(skip_gate).to(x.dtype) * (x - s)
         if self.mode == "sequential":
             x = self._mix(x, x0)
             x = x + self._attn(x, cos, sin)
@@ -769,6 +775,8 @@ class Block(nn.Module):
         if self.mode == "single":
             u = self._mix(x, x0)
             return u + self._attn(u, cos, sin) + self._mlp(u)
+        if lane1 is None:  # the first lanes layer splits the stream into two equal lanes
+            lane1 = x
         a = self._attn(self._mix(x, x0), cos, sin)
         m = self._mlp(lane1)
         r, wa, wm = (p.to(x.dtype) for p in (self.lane_resid, self.lane_attn, self.lane_mlp))
@@ -839,15 +847,14 @@ class GPT(nn.Module):
         skips: list[Tensor] = []
         for i, layer in enumerate(order):
             block = self.blocks[layer]
-            if i >= num_encoder and skips:
-                # U-Net skip, popped LIFO: s = w*skip; x = s + sigmoid(g)*(x - s); it enters lane0.
+            skip = {}
+            if i >= num_encoder and skips:  # U-Net skips are popped LIFO by the second half
                 j = i - num_encoder
-                s = self.skip_weights[j].to(x.dtype) * skips.pop()
-                x = s + torch.sigmoid(self.skip_gates[j]).to(x.dtype) * (x - s)
+                skip = dict(skip=skips.pop(), skip_weight=self.skip_weights[j], skip_gate=self.skip_gates[j])
             if block.mode == "lanes":
-                x, lane1 = block(x, x0, cos, sin, x if lane1 is None else lane1)
+                x, lane1 = block(x, x0, cos, sin, lane1, **skip)
             else:
-                x = block(x, x0, cos, sin)
+                x = block(x, x0, cos, sin, **skip)
             if i < num_encoder:
                 skips.append(x)
         if lane1 is not None:
