@@ -1685,7 +1685,8 @@ def eval_windows(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hy
     t0 = time.perf_counter()
     tokens, tables = val_tokens.to(runtime.device), tables.to(runtime.device)
     begin, end = rank_share(0, windows.size(0), runtime)
-    batch_windows = max(1, h.val_batch_tokens // h.eval_seq_len)
+    # Static shapes, but no padding beyond the largest rank's share (tiny validation sets on CPU).
+    batch_windows = max(1, min(h.val_batch_tokens // h.eval_seq_len, math.ceil(windows.size(0) / runtime.world_size)))
     totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)
     previous_looping, model.looping = model.looping, True  # evaluation always uses recurrence
     try:
@@ -2090,14 +2091,13 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     synchronize(runtime)
     t0 = time.perf_counter()
     choose_averaged_weights(model, averager, loader, h, runtime, log)
-    if h.averaging != "none":
-        log_eval(log, eval_plain(model, val_tokens, tables, h, runtime, stage=f"post_{h.averaging}"))
-    synchronize(runtime)
     hessians = collect_hessians(model, calibration_batches(loader, h, runtime), runtime)
     synchronize(runtime)
     calibration_seconds = time.perf_counter() - t0
     loader.close()
     log_timing(log, "weight_choice_and_gptq_calibration", calibration_seconds)
+    if h.averaging != "none":
+        log_eval(log, eval_plain(model, val_tokens, tables, h, runtime, stage=f"post_{h.averaging}"))
     train_time_s = training_seconds + calibration_seconds
     over = " OVER THE BUDGET" if h.max_wallclock_seconds and train_time_s > h.max_wallclock_seconds else ""
     log(f"train time incl. GPTQ calibration: {train_time_s:.1f}s (budget {h.max_wallclock_seconds:.0f}s){over}")

@@ -235,6 +235,7 @@ def distributed_worker(rank: int, world_size: int, port: int, state_path: str, o
         outcome = run_all_evals(tg.Runtime(rank, world_size, rank, torch.device("cpu")), state_path)
         if rank == 0:
             torch.save(outcome, out_path)
+        dist.barrier()  # both ranks done before teardown (gloo can abort a rank torn down mid-exchange)
     finally:
         dist.destroy_process_group()
 

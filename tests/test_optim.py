@@ -92,6 +92,7 @@ def _worker(rank, world, port, env, out_path, threads):
     norms = _train_steps(model, h, tg.Runtime(rank=rank, world_size=world), local)
     if rank == 0:
         torch.save({"state": model.state_dict(), "norms": norms}, out_path)
+    dist.barrier()  # both ranks done before teardown (gloo can abort a rank torn down mid-exchange)
     dist.destroy_process_group()
 
 

@@ -214,6 +214,7 @@ def _hessian_worker(rank: int, world_size: int, port: int, out_path: str) -> Non
         hessians = tg.collect_hessians(model, batches, tg.Runtime(rank=rank, world_size=world_size))
         if rank == 0:
             torch.save(hessians, out_path)
+        dist.barrier()  # both ranks done before teardown (gloo can abort a rank torn down mid-exchange)
     finally:
         dist.destroy_process_group()
 

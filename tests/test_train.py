@@ -155,3 +155,43 @@ def test_averaged_weights_are_kept_only_when_they_do_better(monkeypatch, tmp_pat
     loader.close()
     reference = trained if expected == "ema" else raw
     assert all(torch.equal(model.state_dict()[k], reference[k]) for k in reference)
+
+
+def _pipeline_env(tmp_path, tokenizer, run_id):
+    data = tmp_path / "data"
+    if not (data / "datasets").exists():
+        write_shards(data / "datasets" / "fineweb10B_sp1024", 1024, train_tokens=60_000, val_tokens=3_000)
+    from tiny import TINY_ENV
+
+    return {**TINY_ENV, "VOCAB_SIZE": "1024", "DATA_DIR": str(data), "TOKENIZER_PATH": str(tokenizer),
+            "RUN_ID": run_id, "LOG_DIR": str(tmp_path / "logs"), "ITERATIONS": "4", "MAX_WALLCLOCK_SECONDS": "0",
+            "WARMUP_STEPS": "1", "TRAIN_BATCH_TOKENS": "512", "MICRO_BATCH_SEQS": "4", "TRAIN_LOG_EVERY": "1",
+            "GPTQ_CALIBRATION_BATCHES": "2", "AVERAGE_CHECK_SEQS": "4", "SLIDING_WINDOW_ENABLED": "0",
+            "TTT_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path, sp1024_model_path):
+    """The whole script under torchrun (gloo, 2 ranks, no accumulation) follows the same loss curve
+    as one process with gradient accumulation, and reaches the same final score."""
+    import os
+
+    runs = {}
+    for name, launcher in [("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])]:
+        env = {**os.environ, **_pipeline_env(tmp_path, sp1024_model_path, name)}
+        done = subprocess.run(launcher + [str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        runs[name] = _jsonl(tmp_path / "logs" / f"{name}.jsonl")
+    config = {name: next(e for e in events if e["event"] == "config") for name, events in runs.items()}
+    assert (config["one"]["world_size"], config["one"]["grad_accum_steps"]) == (1, 4)
+    assert (config["two"]["world_size"], config["two"]["grad_accum_steps"]) == (2, 2)
+    losses = {name: [e["train_loss"] for e in events if e["event"] == "step"] for name, events in runs.items()}
+    assert len(losses["one"]) == 4
+    assert losses["two"] == pytest.approx(losses["one"], rel=1e-4)
+    final = {name: next(e for e in events if e["event"] == "final") for name, events in runs.items()}
+    assert final["one"]["status"] == final["two"]["status"] == "ok"
+    assert final["two"]["val_bpb"] == pytest.approx(final["one"]["val_bpb"], rel=1e-3)
