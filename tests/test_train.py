@@ -195,3 +195,10 @@ def test_torchrun_two_processes_match_one_process(tmp_path, sp1024_model_path):
     final = {name: next(e for e in events if e["event"] == "final") for name, events in runs.items()}
     assert final["one"]["status"] == final["two"]["status"] == "ok"
     assert final["two"]["val_bpb"] == pytest.approx(final["one"]["val_bpb"], rel=1e-3)
+    # EVAL_ONLY re-scores the saved artifact without training, to the same number.
+    env = {**os.environ, **_pipeline_env(tmp_path, sp1024_model_path, "rescore"), "EVAL_ONLY": final["one"]["artifact_path"]}
+    done = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rescored = _jsonl(tmp_path / "logs" / "rescore.jsonl")
+    assert not any(e["event"] == "step" for e in rescored)
+    assert next(e for e in rescored if e["event"] == "final")["val_bpb"] == final["one"]["val_bpb"]
