@@ -2023,7 +2023,8 @@ def evaluate_artifact(blob: bytes, h: Hyperparameters, runtime: Runtime, log: Lo
         log_eval(log, results[-1])
     eval_seconds = sum(r.seconds for r in results)
     projected = eval_seconds * runtime.world_size / 8
-    label = "" if runtime.world_size == 8 else f" (measured on {runtime.world_size} GPU(s); projected to 8: {projected:.1f}s)"
+    where = f"{runtime.world_size} GPU(s)" if runtime.device.type == "cuda" else f"{runtime.world_size} CPU process(es)"
+    label = "" if runtime.world_size == 8 and runtime.device.type == "cuda" else f" (measured on {where}; 8-GPU projection: {projected:.1f}s)"
     log(f"total eval time: {eval_seconds:.1f}s of the 600s budget{label}")
     return results[-1], eval_seconds
 
