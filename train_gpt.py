@@ -986,11 +986,8 @@ class Optimizers:
         clip = self.h.grad_clip_norm
         coef = torch.clamp(clip / (grad_norm + 1e-6), max=1.0) if clip > 0 else torch.ones_like(grad_norm)
         # 3) AdamW on the averaged, clipped gradients.
-        offset = 0
-        for p in self.adam_params:
-            n = p.numel()
-            p.grad = (flat[offset : offset + n] * coef).view_as(p).to(p.dtype)
-            offset += n
+        for p, g in zip(self.adam_params, flat.split([p.numel() for p in self.adam_params])):
+            p.grad = (g * coef).view_as(p).to(p.dtype)
         for group in self.adam.param_groups:
             group["lr"] = group["base_lr"] * lr_mult
         self.adam.step()
@@ -1680,12 +1677,9 @@ def all_reduce_grads(params: list[nn.Parameter], runtime: Runtime) -> None:
     if not runtime.distributed:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), runtime)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
 
 
 def train_on_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
