@@ -40,8 +40,6 @@ ARTIFACT_LIMIT_BYTES = 16_000_000
 # ==================================================================================================
 # Config: every knob is an env var, read and validated here, logged at start
 # ==================================================================================================
-
-
 class ConfigError(ValueError):
     """A malformed env var; the message names the variable and what is allowed."""
 
@@ -57,37 +55,18 @@ class Knob:
 CONFIG_REGISTRY: dict[str, Knob] = {}
 
 
-def _register(name: str, kind: str, default, help: str) -> None:
+def _env_number(name: str, kind: str, default, help: str, min_value=None, max_value=None):
+    """Shared parse-and-validate of env_int and env_float (kind "int" or "float")."""
     CONFIG_REGISTRY[name] = Knob(name, kind, default, help)
-
-
-def env_int(name: str, default: int, help: str, min_value: int | None = None) -> int:
-    _register(name, "int", default, help)
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         value = default
     else:
         try:
-            value = int(raw.strip())
+            value = (int if kind == "int" else float)(raw.strip())
         except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not an integer ({help})") from None
-    if min_value is not None and value < min_value:
-        raise ConfigError(f"{name}={value} must be >= {min_value} ({help})")
-    return value
-
-
-def env_float(name: str, default: float, help: str, min_value: float | None = None,
-              max_value: float | None = None) -> float:
-    _register(name, "float", default, help)
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        value = default
-    else:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not a number ({help})") from None
-    if not math.isfinite(value):
+            raise ConfigError(f"{name}={raw!r} is not {'an integer' if kind == 'int' else 'a number'} ({help})") from None
+    if kind == "float" and not math.isfinite(value):
         raise ConfigError(f"{name}={raw!r} must be finite ({help})")
     if min_value is not None and value < min_value:
         raise ConfigError(f"{name}={value} must be >= {min_value} ({help})")
@@ -96,8 +75,17 @@ def env_float(name: str, default: float, help: str, min_value: float | None = No
     return value
 
 
+def env_int(name: str, default: int, help: str, min_value: int | None = None) -> int:
+    return _env_number(name, "int", default, help, min_value)
+
+
+def env_float(name: str, default: float, help: str, min_value: float | None = None,
+              max_value: float | None = None) -> float:
+    return _env_number(name, "float", default, help, min_value, max_value)
+
+
 def env_bool(name: str, default: bool, help: str) -> bool:
-    _register(name, "bool", int(default), help)
+    CONFIG_REGISTRY[name] = Knob(name, "bool", int(default), help)
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -110,7 +98,7 @@ def env_bool(name: str, default: bool, help: str) -> bool:
 
 
 def env_str(name: str, default: str, help: str, choices: tuple[str, ...] | None = None) -> str:
-    _register(name, "str", default, help)
+    CONFIG_REGISTRY[name] = Knob(name, "str", default, help)
     value = os.environ.get(name, default).strip()
     if choices is not None and value not in choices:
         raise ConfigError(f"{name}={value!r} must be one of {', '.join(choices)} ({help})")
@@ -218,9 +206,8 @@ class Hyperparameters:
             raise ConfigError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
-        head_dim = self.model_dim // self.num_heads
-        if self.rope_dims > head_dim or self.rope_dims % 2:
-            raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
+        if self.rope_dims > self.head_dim or self.rope_dims % 2:
+            raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim}")
         if self.num_loops and not (0 <= self.loop_start <= self.loop_end < self.num_layers):
             raise ConfigError(f"LOOP_START={self.loop_start}..LOOP_END={self.loop_end} must lie inside 0..NUM_LAYERS-1={self.num_layers - 1}")
         if self.num_loops and self.parallel_start <= self.loop_end:
@@ -256,8 +243,6 @@ class Hyperparameters:
 # ==================================================================================================
 # Distributed setup and logging
 # ==================================================================================================
-
-
 @dataclass
 class Runtime:
     """Where this process runs: rank, world size and device, set once by `setup_distributed`."""
@@ -615,8 +600,7 @@ def select_attention_backend(device: torch.device) -> str:
         import flash_attn_interface  # noqa: F401
         return "fa3"
     except ImportError:
-        pass
-    return "sdpa_cudnn" if device.type == "cuda" else "sdpa"
+        return "sdpa_cudnn" if device.type == "cuda" else "sdpa"
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
@@ -930,10 +914,6 @@ class MuonBank:
                 g[i].copy_(p.grad)
         return g
 
-    def local_slice(self) -> slice:
-        start = self.runtime.rank * self.n_local
-        return slice(start, start + self.n_local)
-
 
 class Optimizers:
     """One step of the whole optimizer: gradient averaging across ranks (no DDP), global norm clip,
@@ -950,12 +930,10 @@ class Optimizers:
         # Largest banks first: their all-gather then overlaps the orthogonalisation of the smaller ones.
         self.banks = [MuonBank(ps, runtime) for _, ps in sorted(by_shape.items(), key=lambda kv: -kv[0][0] * kv[0][1] * len(kv[1]))]
         self.adam_params = [model.tok_emb.weight] + model.scalar_params()
-        betas = (h.adam_beta1, h.adam_beta2)
         self.adam = torch.optim.AdamW(
             [dict(params=[model.tok_emb.weight], lr=h.tied_embed_lr, base_lr=h.tied_embed_lr, weight_decay=h.embed_wd),
              dict(params=model.scalar_params(), lr=h.scalar_lr, base_lr=h.scalar_lr, weight_decay=h.scalar_wd)],
-            betas=betas, eps=h.adam_eps, foreach=True)
-        self.matrix_lr = h.matrix_lr
+            betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, foreach=True)
 
     # -- communication helpers (NCCL has reduce-scatter/all-gather into tensors; gloo falls back) --
 
@@ -993,8 +971,9 @@ class Optimizers:
         for bank, (work, g) in zip(self.banks, pending):
             if work is not None:
                 work.wait()
-            if world > 1 and not g.is_cuda:
-                g = g[bank.local_slice()] / world
+            if world > 1 and not g.is_cuda:  # gloo all-reduced the whole bank: keep this rank's slice
+                start = self.runtime.rank * bank.n_local
+                g = g[start : start + bank.n_local] / world
             local_grads.append(g)
         if adam_work is not None:
             adam_work.wait()
@@ -1007,16 +986,13 @@ class Optimizers:
         clip = self.h.grad_clip_norm
         coef = torch.clamp(clip / (grad_norm + 1e-6), max=1.0) if clip > 0 else torch.ones_like(grad_norm)
         # 3) AdamW on the averaged, clipped gradients.
-        offset = 0
-        for p in self.adam_params:
-            n = p.numel()
-            p.grad = (flat[offset : offset + n] * coef).view_as(p).to(p.dtype)
-            offset += n
+        for p, g in zip(self.adam_params, flat.split([p.numel() for p in self.adam_params])):
+            p.grad = (g * coef).view_as(p).to(p.dtype)
         for group in self.adam.param_groups:
             group["lr"] = group["base_lr"] * lr_mult
         self.adam.step()
         # 4) Muon: orthogonalise the local slice of bank k while bank k-1's all-gather runs.
-        lr = self.matrix_lr * lr_mult
+        lr = self.h.matrix_lr * lr_mult
         in_flight = None
         for bank, g in zip(self.banks, local_grads):
             update = self._muon_update(bank, g * coef, muon_momentum)
@@ -1047,10 +1023,7 @@ class Optimizers:
         torch._foreach_add_(params, list(updates[: len(params)].unbind(0)), alpha=-lr)
 
     def zero_grad(self) -> None:
-        for bank in self.banks:
-            for p in bank.params:
-                p.grad = None
-        for p in self.adam_params:
+        for p in [p for bank in self.banks for p in bank.params] + self.adam_params:
             p.grad = None
 
     def state_dict(self) -> dict:
@@ -1061,7 +1034,6 @@ class Optimizers:
         self.adam.load_state_dict(copy.deepcopy(state["adam"]))
         for bank, buf in zip(self.banks, state["muon"]):
             bank.momentum.copy_(buf)
-
 
 
 # ==================================================================================================
@@ -1120,12 +1092,9 @@ class WeightAverager:
             p.copy_(avg.to(p.dtype))
 
 
-
 # ==================================================================================================
 # Quantization and packing: GPTQ int6/int8 with SDClip, byte shuffle, compression, shipped code
 # ==================================================================================================
-
-
 # Pipeline: collect_hessians -> quantize_and_pack (GPTQ + SDClip, budget search, serialise, byte
 # shuffle, compress) -> load_artifact (exact inverse). Artifact layout before compression:
 #   uint32 header length | JSON header (names, kinds, shapes) | int8 values of every quantized
@@ -1163,17 +1132,11 @@ class ArtifactBudgetError(RuntimeError):
     """The model cannot fit the artifact budget even at the coarsest quantization searched."""
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The eager module behind torch.compile, whose state_dict names and hooks we use."""
-    return getattr(model, "_orig_mod", model)
-
-
 def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, Tensor]:
     """H = sum X^T X (fp32) of the input of every block CastedLinear and, for the tied embedding, of
     the final-norm output (the head's input), on (x, y) training batches with looping on. Hooks ride
     the model's own forward (run eagerly: a compiled wrapper is bypassed); looped layers add every
     call. Summed over ranks. Keys are state_dict names."""
-    base = _unwrap(model)
     hessians: dict[str, Tensor] = {}
 
     def accumulate(name: str, x: Tensor) -> None:
@@ -1182,20 +1145,20 @@ def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, T
             hessians[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
         hessians[name].addmm_(x.T, x)
 
-    hooks = [base.final_norm.register_forward_hook(lambda m, inputs, out: accumulate("tok_emb.weight", out))]
-    for module_name, module in base.named_modules():
+    hooks = [model.final_norm.register_forward_hook(lambda m, inputs, out: accumulate("tok_emb.weight", out))]
+    for module_name, module in model.named_modules():
         if isinstance(module, CastedLinear) and module_name.startswith("blocks."):
             hooks.append(module.register_forward_hook(
                 lambda m, inputs, out, name=f"{module_name}.weight": accumulate(name, inputs[0])))
-    was_looping = base.looping
-    base.looping = True
+    was_looping = model.looping
+    model.looping = True
     try:
         # Compiled regions would bypass the hooks: run this forward eagerly.
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             for x, y in batches:
-                base(x, y)
+                model(x, y)
     finally:
-        base.looping = was_looping
+        model.looping = was_looping
         for hook in hooks:
             hook.remove()
     if runtime.distributed:
@@ -1482,8 +1445,7 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
     Hessians' device (GPU: fast; CPU works). Deterministic, so running it on every rank gives the same blob;
     run it on one rank to save time (compression uses every CPU core)."""
     started = time.perf_counter()
-    base = _unwrap(model)
-    state = {name: t.detach() for name, t in base.state_dict().items()}
+    state = {name: t.detach() for name, t in model.state_dict().items()}
     device = next(iter(hessians.values())).device if hessians else torch.device("cpu")
     target = (h.artifact_target_bytes or ARTIFACT_LIMIT_BYTES) - code_bytes
     if target <= 0:
@@ -1534,10 +1496,9 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
 
 def load_artifact(blob: bytes, model: nn.Module) -> None:
     """Decompress, unshuffle and dequantize an artifact into `model` (in place; every key required)."""
-    base = _unwrap(model)
     state = dequantize_state(deserialize(decompress(blob)))
-    reference = base.state_dict()
-    base.load_state_dict({name: t.to(reference[name].dtype) if name in reference else t for name, t in state.items()},
+    reference = model.state_dict()
+    model.load_state_dict({name: t.to(reference[name].dtype) if name in reference else t for name, t in state.items()},
                          strict=True)
 
 
@@ -1585,8 +1546,6 @@ def build_submission_code(source: str) -> bytes:
 # ==================================================================================================
 # Evaluation and test-time training
 # ==================================================================================================
-
-
 @dataclass
 class EvalResult:
     stage: str
@@ -1718,12 +1677,9 @@ def all_reduce_grads(params: list[nn.Parameter], runtime: Runtime) -> None:
     if not runtime.distributed:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), runtime)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
 
 
 def train_on_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
@@ -1734,8 +1690,7 @@ def train_on_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: torc
     its targets' losses divided by the chunk's target count, so the summed gradients are exactly
     the chunk's mean-loss gradient for any world size. Inputs come from the chunk itself."""
     seq_len = h.eval_seq_len
-    starts = torch.arange(chunk_begin, chunk_end, seq_len)
-    sequences = torch.stack((starts, starts, (starts + seq_len).clamp(max=chunk_end)), dim=1)
+    sequences = plain_windows(chunk_end - chunk_begin, seq_len) + chunk_begin
     per_rank = math.ceil(sequences.size(0) / runtime.world_size)  # equal on every rank: same collectives
     mine = pad_windows(sequences[runtime.rank * per_rank : (runtime.rank + 1) * per_rank], per_rank).to(tokens.device)
     # Micro-batches of as many tokens as a training micro-batch, so TTT fits where training fits.
@@ -1807,8 +1762,6 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperp
 # ==================================================================================================
 # Main
 # ==================================================================================================
-
-
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
