@@ -2033,9 +2033,9 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
         log.metrics(**final)
         return
 
-    train_tokens = sum(read_shard(f).size for f in list_shards(h.dataset_dir, "train"))
-    log.metrics(event="data", val_tokens=val_tokens.numel(), val_bytes=val_bytes, train_tokens=train_tokens,
-                train_shards=len(list_shards(h.dataset_dir, "train")))
+    train_files = list_shards(h.dataset_dir, "train")
+    log.metrics(event="data", val_tokens=val_tokens.numel(), val_bytes=val_bytes,
+                train_tokens=sum(read_shard(f).size for f in train_files), train_shards=len(train_files))
     log(f"compile:{compile_model(model, h, runtime)}")
     loader, averager, training_seconds = train(model, h, runtime, log, val_tokens, tables)
 
