@@ -15,6 +15,7 @@ generated (minified + compressed) by the script itself; this source stays readab
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import glob
 import io
@@ -784,6 +785,17 @@ class SoftcapHead(nn.Module):
         return loss.view_as(target_ids) if reduction == "none" else loss
 
 
+@contextlib.contextmanager
+def looping_enabled(model: nn.Module):
+    """Evaluation, GPTQ calibration and TTT always run the model with depth recurrence; the
+    previous flag (training may not have switched it on yet) is restored afterwards."""
+    previous, model.looping = model.looping, True
+    try:
+        yield model
+    finally:
+        model.looping = previous
+
+
 def loop_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: int, looping: bool) -> list[int]:
     """Virtual layer order: with looping, layers loop_start..loop_end run num_loops+1 times,
     e.g. 0,1,2,3,4,5,3,4,5,3,4,5,6,...,10 for 11 layers, span 3..5, 2 loops."""
@@ -801,7 +813,6 @@ class GPT(nn.Module):
     def __init__(self, h: Hyperparameters, backend: str = "sdpa") -> None:
         super().__init__()
         self.h = h
-        self.attention_backend = backend
         self.looping = False
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=h.embed_init_std)
@@ -1150,15 +1161,12 @@ def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, T
         if isinstance(module, CastedLinear) and module_name.startswith("blocks."):
             hooks.append(module.register_forward_hook(
                 lambda m, inputs, out, name=f"{module_name}.weight": accumulate(name, inputs[0])))
-    was_looping = model.looping
-    model.looping = True
     try:
         # Compiled regions would bypass the hooks: run this forward eagerly.
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        with looping_enabled(model), torch.no_grad(), torch.compiler.set_stance("force_eager"):
             for x, y in batches:
                 model(x, y)
     finally:
-        model.looping = was_looping
         for hook in hooks:
             hook.remove()
     if runtime.distributed:
@@ -1647,12 +1655,8 @@ def eval_windows(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hy
     # Static shapes, but no padding beyond the largest rank's share (tiny validation sets on CPU).
     batch_windows = max(1, min(h.val_batch_tokens // h.eval_seq_len, math.ceil(windows.size(0) / runtime.world_size)))
     totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)
-    previous_looping, model.looping = model.looping, True  # evaluation always uses recurrence
-    try:
-        with torch.no_grad():
-            score_windows(model, tokens, tables, windows[begin:end].to(runtime.device), h.eval_seq_len, batch_windows, totals)
-    finally:
-        model.looping = previous_looping
+    with looping_enabled(model), torch.no_grad():
+        score_windows(model, tokens, tables, windows[begin:end].to(runtime.device), h.eval_seq_len, batch_windows, totals)
     all_reduce_sum(totals, runtime)
     synchronize(runtime)
     return eval_result(stage, totals, time.perf_counter() - t0)
@@ -1737,22 +1741,21 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperp
     optimizer = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
     totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)
     log_every = max(1, num_chunks // 20)
-    previous_looping, model.looping = model.looping, True  # evaluation always uses recurrence
     try:
-        for c, chunk_begin in enumerate(chunk_begins):
-            begin, end = rank_share(window_bounds[c], window_bounds[c + 1], runtime)
-            with torch.no_grad():
-                score_windows(model, tokens, tables, windows[begin:end], seq_len, batch_windows, totals)
-            if c < num_chunks - 1:
-                lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
-                chunk_end = min(chunk_begin + chunk_tokens, num_targets)
-                train_on_chunk(model, params, optimizer, tokens, chunk_begin, chunk_end, lr, h, runtime)
-            if (c + 1) % log_every == 0 or c == num_chunks - 1:
-                running = eval_result(stage, all_reduce_sum(totals.clone(), runtime), 0.0)
-                log(f"{stage} chunk:{c + 1}/{num_chunks} running_bpb:{running.bpb:.6f} "
-                    f"elapsed:{time.perf_counter() - t0:.1f}s")
+        with looping_enabled(model):
+            for c, chunk_begin in enumerate(chunk_begins):
+                begin, end = rank_share(window_bounds[c], window_bounds[c + 1], runtime)
+                with torch.no_grad():
+                    score_windows(model, tokens, tables, windows[begin:end], seq_len, batch_windows, totals)
+                if c < num_chunks - 1:
+                    lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
+                    chunk_end = min(chunk_begin + chunk_tokens, num_targets)
+                    train_on_chunk(model, params, optimizer, tokens, chunk_begin, chunk_end, lr, h, runtime)
+                if (c + 1) % log_every == 0 or c == num_chunks - 1:
+                    running = eval_result(stage, all_reduce_sum(totals.clone(), runtime), 0.0)
+                    log(f"{stage} chunk:{c + 1}/{num_chunks} running_bpb:{running.bpb:.6f} "
+                        f"elapsed:{time.perf_counter() - t0:.1f}s")
     finally:
-        model.looping = previous_looping
         optimizer.zero_grad(set_to_none=True)
     all_reduce_sum(totals, runtime)
     synchronize(runtime)
@@ -1917,7 +1920,7 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
 @torch.no_grad()
 def held_out_train_loss(model: GPT, batches: list[tuple[Tensor, Tensor]], runtime: Runtime) -> float:
     """Mean loss on training batches the model has not trained on, averaged over ranks (eager)."""
-    with torch.compiler.set_stance("force_eager"):
+    with looping_enabled(model), torch.compiler.set_stance("force_eager"):
         losses = torch.stack([model(x, y) for x, y in batches]).mean()
     return float(all_reduce_sum(losses.double(), runtime)) / runtime.world_size
 
@@ -1937,7 +1940,6 @@ def choose_averaged_weights(model: GPT, averager: WeightAverager, loader: TrainL
         x, y = loader.next_batch()
         take = min(8, per_rank - sum(b.size(0) for b, _ in batches))
         batches.append((x[:take], y[:take]))
-    model.looping = bool(h.num_loops)
     raw_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     raw_loss = held_out_train_loss(model, batches, runtime)
     averager.copy_to(model)
@@ -1965,7 +1967,6 @@ def evaluate_artifact(blob: bytes, h: Hyperparameters, runtime: Runtime, log: Lo
     model = build_model(h, runtime, backend)
     load_artifact(blob, model)
     compile_model(model, h, runtime)
-    model.looping = bool(h.num_loops)
     results = [eval_plain(model, val_tokens, tables, h, runtime, stage="quantized")]
     log_eval(log, results[-1])
     if h.sliding_window_enabled:
@@ -2039,7 +2040,6 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     log(f"compile:{compile_model(model, h, runtime)}")
     loader, averager, training_seconds = train(model, h, runtime, log, val_tokens, tables)
 
-    model.looping = bool(h.num_loops)
     log_eval(log, eval_plain(model, val_tokens, tables, h, runtime, stage="pre_average"))
     # Choosing the weights and GPTQ calibration read training data: they count toward the train time.
     synchronize(runtime)
