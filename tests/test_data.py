@@ -17,18 +17,11 @@ import pytest
 import torch
 
 import train_gpt as tg
+from tiny import write_shard
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PREPARE_DOCS = REPO_ROOT / "data" / "prepare_docs.py"
 WIDE_VOCAB = 1 << 16  # loader tests store each token's position as its id, so every id is valid
-
-
-def write_shard(path: Path, tokens, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, n_tokens=None, extra=b"") -> Path:
-    tokens = np.asarray(tokens, dtype="<u2")
-    header = np.zeros(tg.SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = (magic, version, len(tokens) if n_tokens is None else n_tokens)
-    path.write_bytes(header.tobytes() + tokens.tobytes() + extra)
-    return path
 
 
 def load_script(name: str):

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
+from tiny import write_shards  # noqa: E402
 
 # Tiny tensors: one torch thread avoids thread-pool overhead that dominates at these sizes.
 torch.set_num_threads(1)
@@ -276,20 +277,13 @@ def _pipeline_is_implemented() -> bool:
 
 @pytest.mark.skipif(not _pipeline_is_implemented(), reason="main() or evaluation not written yet")
 def test_shipped_copy_trains_like_the_original(tmp_path, sp1024_model_path):
-    """Full tiny CPU run of the readable script and of its shipped copy (random-token shards):
+    """Full tiny CPU run of the readable script and of its shipped copy (synthetic shards):
     the same final log lines, and the same code bytes measured by both."""
     data_dir = tmp_path / "data"
     dataset = data_dir / "datasets" / "fineweb10B_sp1024"
-    dataset.mkdir(parents=True)
-    (data_dir / "tokenizers").mkdir()
+    (data_dir / "tokenizers").mkdir(parents=True)
     (data_dir / "tokenizers" / "fineweb_1024_bpe.model").write_bytes(sp1024_model_path.read_bytes())
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 100_000), ("val", 4_096)):
-        header = np.zeros(tg.SHARD_HEADER_INTS, np.int32)
-        header[:3] = (tg.SHARD_MAGIC, tg.SHARD_VERSION, n)
-        tokens = rng.integers(4, 1024, n).astype(np.uint16)
-        tokens[::128] = tg.BOS_ID
-        (dataset / f"fineweb_{split}_000000.bin").write_bytes(header.tobytes() + tokens.tobytes())
+    write_shards(dataset, 1024, train_tokens=100_000, val_tokens=4_096)
     shipped = tmp_path / "shipped_train_gpt.py"
     shipped.write_bytes(tg.build_submission_code((ROOT / "train_gpt.py").read_text(encoding="utf-8")))
     # MODEL_DIM 128, MLP_MULT 8: the embedding and MLP matrices exceed 65,536 values, so GPTQ runs.

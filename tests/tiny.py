@@ -30,6 +30,20 @@ def tiny_hparams(monkeypatch=None, **overrides):
                 os.environ[k] = v
 
 
+def write_shard(path, tokens, magic=None, version=None, n_tokens=None, extra=b""):
+    """One shard file in SPEC §2's format; magic/version/n_tokens/extra can be set wrong on purpose."""
+    import numpy as np
+
+    import train_gpt as tg
+
+    tokens = np.asarray(tokens, dtype="<u2")
+    header = np.zeros(tg.SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (tg.SHARD_MAGIC if magic is None else magic, tg.SHARD_VERSION if version is None else version,
+                  len(tokens) if n_tokens is None else n_tokens)
+    path.write_bytes(header.tobytes() + tokens.tobytes() + extra)
+    return path
+
+
 def write_shards(folder, vocab_size, train_tokens=40_000, val_tokens=4_000, seed=0):
     """A synthetic dataset in the standard layout: BOS-separated documents of random ids that follow a
     simple pattern (so a model can learn something). Returns the dataset folder."""
@@ -40,6 +54,7 @@ def write_shards(folder, vocab_size, train_tokens=40_000, val_tokens=4_000, seed
     import train_gpt as tg
 
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
 
     def stream(n):
@@ -48,14 +63,8 @@ def write_shards(folder, vocab_size, train_tokens=40_000, val_tokens=4_000, seed
             start = int(rng.integers(4, vocab_size))
             doc = [(start + 3 * i) % (vocab_size - 4) + 4 for i in range(int(rng.integers(20, 200)))]
             out += [tg.BOS_ID] + doc
-        return np.array(out[:n], dtype=np.uint16)
+        return out[:n]
 
     for split, n in (("train", train_tokens), ("val", val_tokens)):
-        tokens = stream(n)
-        header = np.zeros(tg.SHARD_HEADER_INTS, dtype=np.int32)
-        header[:3] = (tg.SHARD_MAGIC, tg.SHARD_VERSION, len(tokens))
-        (folder).mkdir(parents=True, exist_ok=True)
-        with open(folder / f"fineweb_{split}_000000.bin", "wb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.tobytes())
+        write_shard(folder / f"fineweb_{split}_000000.bin", stream(n))
     return folder
