@@ -113,6 +113,7 @@ class Hyperparameters:
         # Data and run identity.
         self.data_dir = env_str("DATA_DIR", "./data", "root holding datasets/ and tokenizers/")
         self.vocab_size = env_int("VOCAB_SIZE", 8192, "tokenizer vocabulary size", min_value=2)
+        self.dataset = env_str("DATASET", "", "dataset folder under DATA_DIR/datasets/; empty = fineweb10B_sp{VOCAB_SIZE}")
         self.tokenizer_path = env_str("TOKENIZER_PATH", "", "sentencepiece model; empty = DATA_DIR/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model")
         self.run_id = env_str("RUN_ID", "", "name of this run's logs/ files; empty = a fresh uuid")
         self.seed = env_int("SEED", 1337, "seed for weights and data order")
@@ -235,7 +236,7 @@ class Hyperparameters:
 
     @property
     def dataset_dir(self) -> str:
-        return os.path.join(self.data_dir, "datasets", f"fineweb10B_sp{self.vocab_size}")
+        return os.path.join(self.data_dir, "datasets", self.dataset or f"fineweb10B_sp{self.vocab_size}")
 
     def as_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -768,21 +769,42 @@ class Block(nn.Module):
         return r[0] * x + wa[0] * a + wm[0] * m, r[1] * lane1 + wa[1] * a + wm[1] * m
 
 
+def softcap(z: Tensor, cap_pos: Tensor, cap_neg: Tensor) -> Tensor:
+    """Logit softcap in fp32 (or fp64): c+ * tanh(z/c+) for z > 0, c- * tanh(z/c-) otherwise."""
+    z = z if z.dtype == torch.float64 else z.float()
+    return torch.where(z > 0, cap_pos * torch.tanh(z / cap_pos), cap_neg * torch.tanh(z / cap_neg))
+
+
+def softcap_cross_entropy(z: Tensor, target_ids: Tensor, cap_pos: Tensor, cap_neg: Tensor,
+                          hint_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Per-token fp32 loss of softcapped logits: nll = logsumexp(zc) - zc[target], zc = softcap(z).
+    z [N, V] raw logits (any float dtype), targets [N]; the caps are 0-dim tensors and receive
+    gradients. With hint_ids [N] it also returns -log p(hint) from the same distribution (no grad)."""
+    zc = softcap(z, cap_pos, cap_neg)
+    lse = torch.logsumexp(zc, dim=-1)
+    nll = lse - zc.gather(1, target_ids[:, None]).squeeze(1)
+    hint_nll = None if hint_ids is None else (lse - zc.gather(1, hint_ids[:, None]).squeeze(1)).detach()
+    return nll, hint_nll
+
+
 class SoftcapHead(nn.Module):
-    """Tied output head and loss, in fp32: logits = c*tanh((h @ E^T)/c); cross-entropy if targets given.
-    A parameterless module (E is passed in) so that it can be compiled on its own."""
+    """Tied output head and loss: logits = softcap(h @ E^T) in fp32 (the matmul in the activations'
+    dtype); per-token cross-entropy if targets are given. A parameterless module (E and the caps are
+    passed in) so that it can be compiled on its own."""
 
     def __init__(self, softcap: float) -> None:
         super().__init__()
         self.softcap = softcap
 
     def forward(self, hidden: Tensor, embedding: Tensor, target_ids: Tensor | None, reduction: str) -> Tensor:
-        z = F.linear(hidden, embedding.to(hidden.dtype)).float()
-        logits = self.softcap * torch.tanh(z / self.softcap)
+        z = F.linear(hidden, embedding.to(hidden.dtype))
+        cap = torch.tensor(self.softcap, device=z.device)
         if target_ids is None:
-            return logits
-        loss = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction=reduction)
-        return loss.view_as(target_ids) if reduction == "none" else loss
+            return softcap(z, cap, cap)
+        nll, _ = softcap_cross_entropy(z.flatten(0, 1), target_ids.flatten(), cap, cap)
+        if reduction == "none":
+            return nll.view_as(target_ids)
+        return nll.sum() if reduction == "sum" else nll.mean()
 
 
 @contextlib.contextmanager

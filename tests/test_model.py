@@ -159,3 +159,23 @@ def test_config_errors_name_the_variable(monkeypatch):
         with pytest.raises(tg.ConfigError, match=name):
             tg.Hyperparameters()
         monkeypatch.delenv(name)
+
+
+def test_softcap_cross_entropy_matches_log_softmax_of_capped_logits():
+    torch.manual_seed(0)
+    z = torch.randn(12, 50, dtype=torch.float64) * 40
+    targets, hints = torch.randint(0, 50, (12,)), torch.randint(0, 50, (12,))
+    cap_pos = torch.tensor(30.0, dtype=torch.float64, requires_grad=True)
+    cap_neg = torch.tensor(20.0, dtype=torch.float64, requires_grad=True)
+    nll, hint_nll = tg.softcap_cross_entropy(z, targets, cap_pos, cap_neg, hints)
+    # Reference written from the formula, element by element.
+    capped = torch.where(z > 0, 30.0 * torch.tanh(z / 30.0), 20.0 * torch.tanh(z / 20.0))
+    logp = torch.log_softmax(capped, dim=-1)
+    assert torch.allclose(nll, -logp[torch.arange(12), targets], atol=1e-6)
+    assert torch.allclose(hint_nll, -logp[torch.arange(12), hints], atol=1e-6)
+    nll.sum().backward()
+    assert cap_pos.grad.abs() > 0 and cap_neg.grad.abs() > 0
+    # Equal caps: the symmetric softcap's cross-entropy.
+    c = torch.tensor(30.0, dtype=torch.float64)
+    sym, _ = tg.softcap_cross_entropy(z, targets, c, c)
+    assert torch.allclose(sym, F.cross_entropy(30.0 * torch.tanh(z / 30.0), targets, reduction="none"), atol=1e-9)
