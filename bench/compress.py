@@ -7,7 +7,7 @@ orthogonal (zeros would compress to nothing and flatter every compressor). Ints 
 nearest with the configured clip sigmas: GPTQ's ints have ~1% more entropy, the ranking is the same.
 
     python bench/compress.py                       # default 36M model at init
-    python bench/compress.py final_state.pt        # a trained state dict
+    python bench/compress.py final_model.X.pt      # a run's saved (averaged, unquantized) weights
     python bench/compress.py final_model.X.ptz     # a trained model's artifact (dequantized, then re-quantized)
     BENCH_MAX_MB=4 python bench/compress.py        # only the first 4 MB of the payload (quick look)
 """
@@ -23,32 +23,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 
-def load_state(h):
+def load_state():
+    """(Hyperparameters, state dict): from an artifact or saved weights (their own model config), else a fresh model."""
     if len(sys.argv) > 1 and sys.argv[1].endswith(".ptz"):
+        config, blob = tg.read_artifact(sys.argv[1])
+        h = tg.Hyperparameters(fixed=config)
         model = tg.GPT(h)
-        tg.load_artifact(Path(sys.argv[1]).read_bytes(), model)
-        return {k: v.detach() for k, v in model.state_dict().items()}
+        tg.load_artifact(blob, model)
+        return h, {k: v.detach() for k, v in model.state_dict().items()}
     if len(sys.argv) > 1:
-        state = torch.load(sys.argv[1], map_location="cpu")
-        return {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}
+        config, state = tg.read_saved_weights(sys.argv[1])
+        return tg.Hyperparameters(fixed=config), {k: v.float() for k, v in state.items()}
+    h = tg.Hyperparameters()
     torch.manual_seed(0)
     model = tg.GPT(h)
     with torch.no_grad():
-        for p in model.matrix_params():
+        for p in model.params_for("muon"):
             if not p.any():
                 torch.nn.init.orthogonal_(p)
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    return h, {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def quantize_rtn_state(state, h):
-    """SDClip + round to nearest, in the same {name: entry} form that train_gpt.serialize takes."""
+    """SDClip + round to nearest, as each parameter's Role says, in the {name: entry} form train_gpt.serialize takes."""
+    with torch.device("meta"):
+        roles = tg.GPT(h).parameter_roles()
     quantized = {}
     for name, tensor in state.items():
-        bits = tg.tensor_bits(name, tensor, h)
-        if bits == 16:
-            quantized[name] = {"fp16": tensor.half()}
+        quant = roles[name].quant
+        if quant not in tg.GPTQ_GROUPS:
+            quantized[name] = tg.quantize_absmax_rows(tensor) if quant == "gate" else {"fp16": tensor.half()}
             continue
-        clip = h.embed_clip_sigmas if name == "tok_emb.weight" else h.matrix_clip_sigmas
+        bits, clip = tg.gptq_settings(quant, h)
         scale = tg.sdclip_scales(tensor, bits, clip)
         quantized[name] = {"q": tg.quantize_rtn(tensor.float(), scale, bits).to(torch.int8), "scale": scale.half()}
     return quantized
@@ -71,8 +77,7 @@ def settings():
 
 
 def main():
-    h = tg.Hyperparameters()
-    state = load_state(h)
+    h, state = load_state()
     quantized = quantize_rtn_state(state, h)
     payload = tg.serialize(quantized)
     max_mb = float(os.environ.get("BENCH_MAX_MB", "0"))
