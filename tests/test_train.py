@@ -57,7 +57,7 @@ def _run_steps(monkeypatch, tmp_path, name):
                                                     WARMUP_STEPS=1, TRAIN_LOG_EVERY=1, LOG_DIR=str(tmp_path / name / "logs"))
     loader.close()
     log = tg.Logger(runtime, h.log_dir, "run")
-    tg.train(model, h, runtime, log, val_tokens=None, tables=None)
+    tg.train(model, h, runtime, log, val_tokens=None, val_target_bytes=None)
     lines = [json.loads(l) for l in open(Path(h.log_dir) / "run.jsonl")]
     return [l["train_loss"] for l in lines if l["event"] == "step"], model.state_dict()
 
@@ -74,7 +74,7 @@ def test_nan_loss_stops_the_run_with_the_step(monkeypatch, tmp_path):
                                                     WARMUP_STEPS=0, MATRIX_LR=1e30, TIED_EMBED_LR=1e30, SCALAR_LR=1e30)
     loader.close()
     with pytest.raises(tg.TrainingDiverged, match=r"at step \d"):
-        tg.train(model, h, runtime, tg.Logger(runtime, None, "x"), val_tokens=None, tables=None)
+        tg.train(model, h, runtime, tg.Logger(runtime, None, "x"), val_tokens=None, val_target_bytes=None)
 
 
 def _mean_val_loss(model, tokens, seq_len):
@@ -107,7 +107,7 @@ def test_tiny_model_learns_real_text_in_30_seconds(monkeypatch, tmp_path, corpus
     model.looping = True
     before = _mean_val_loss(model, val, 128)
     model.looping = False
-    tg.train(model, h, runtime, tg.Logger(runtime, None, "x"), val_tokens=None, tables=None)
+    tg.train(model, h, runtime, tg.Logger(runtime, None, "x"), val_tokens=None, val_target_bytes=None)
     model.looping = True
     after = _mean_val_loss(model, val, 128)
     assert before > 6.5  # about ln(1024): an untrained model
@@ -120,7 +120,7 @@ def test_loop_follows_the_wallclock_schedule(monkeypatch, tmp_path):
                                                     WARMUP_STEPS=0, TRAIN_LOG_EVERY=1, LOG_DIR=str(tmp_path / "logs"),
                                                     ENABLE_LOOPING_AT=0.3, WARMDOWN_FRAC=0.5)
     loader.close()
-    tg.train(model, h, runtime, tg.Logger(runtime, h.log_dir, "run"), val_tokens=None, tables=None)
+    tg.train(model, h, runtime, tg.Logger(runtime, h.log_dir, "run"), val_tokens=None, val_target_bytes=None)
     steps = [json.loads(l) for l in open(Path(h.log_dir) / "run.jsonl") if '"step"' in l]
     assert len(steps) >= 8
     times = [s["train_time_ms"] / 1000 for s in steps]
@@ -141,7 +141,7 @@ def test_averaged_weights_are_kept_only_when_they_do_better(monkeypatch, tmp_pat
     h, runtime, model, opt, loader, accum = _setup(monkeypatch, tmp_path, ITERATIONS=8, MAX_WALLCLOCK_SECONDS=0,
                                                     WARMUP_STEPS=0, EMA_DECAY=0.0)
     loader.close()
-    loader, averager, _ = tg.train(model, h, runtime, tg.Logger(runtime, None, "x"), val_tokens=None, tables=None)
+    loader, averager, _ = tg.train(model, h, runtime, tg.Logger(runtime, None, "x"), val_tokens=None, val_target_bytes=None)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():  # EMA_DECAY=0: the average equals the trained weights; now move one side
         if drift:
