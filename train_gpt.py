@@ -607,7 +607,7 @@ def validation_target_bytes(dataset_dir: str, val_tokens: Tensor, tables: ByteTa
     """Bytes of every target (int32 [len(val_tokens) - 1]; target i is val_tokens[i+1]): the bpb denominator
     of every evaluation. From the dataset's byte side-car when it has one (entry j = original UTF-8 bytes of
     token j), else from the tokenizer's tables. CaseOps pieces spell the transformed text, not the original,
-    so a CaseOps dataset must have the side-car."""
+    so a CaseOps dataset must have the side-car; one with a small validation split gets a warning."""
     sidecars = sorted(glob.glob(os.path.join(dataset_dir, BYTE_SIDECAR_GLOB)))
     if not sidecars:
         if caseops:
@@ -622,6 +622,8 @@ def validation_target_bytes(dataset_dir: str, val_tokens: Tensor, tables: ByteTa
     if counts[val_tokens.numpy() == BOS_ID].any():  # BOS spells no text: a nonzero count there means misalignment
         raise DataError(f"{sidecars[0]}: the byte side-car gives BOS tokens bytes, so it is not aligned with the tokens; rebuild the dataset")
     log(f"bytes: side-car {sidecars[0]}" + (f" (+{len(sidecars) - 1} more)" if len(sidecars) > 1 else ""))
+    if caseops and (val_docs := int((val_tokens == BOS_ID).sum())) < CHALLENGE_VAL_DOCS:
+        log(f"WARNING: CaseOps validation split of {val_docs} documents, not the challenge's {CHALLENGE_VAL_DOCS:,}: not a comparable score")
     return torch.from_numpy(counts[1:].astype(np.int32))
 
 
@@ -2068,9 +2070,6 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     caseops = is_caseops(sp, read_dataset_manifest(h.dataset_dir))
     val_tokens = load_validation_tokens(h.dataset_dir, h.vocab_size)
     val_target_bytes = validation_target_bytes(h.dataset_dir, val_tokens, build_byte_tables(sp, h.vocab_size), caseops, log)
-    val_docs = int((val_tokens == BOS_ID).sum())
-    if caseops and val_docs < CHALLENGE_VAL_DOCS:
-        log(f"WARNING: CaseOps validation split of {val_docs} documents, not the challenge's {CHALLENGE_VAL_DOCS:,}: not a comparable score")
     if h.val_max_tokens and val_tokens.numel() > h.val_max_tokens:
         val_tokens, val_target_bytes = val_tokens[: h.val_max_tokens], val_target_bytes[: h.val_max_tokens - 1]
         log(f"WARNING: VAL_MAX_TOKENS={h.val_max_tokens}: scoring a prefix of the validation set; not a comparable score")
