@@ -98,7 +98,7 @@ def test_tiny_model_learns_real_text_in_30_seconds(monkeypatch, tmp_path, corpus
     subprocess.run([sys.executable, str(ROOT / "data" / "prepare_docs.py"), "--docs", str(docs), "--vocab-size", "1024",
                     "--val-docs", "50", "--out", str(data), "--tokenizer", str(sp1024_model_path), "--workers", "1"],
                    check=True, capture_output=True)
-    h = tiny_hparams(monkeypatch, DATA_DIR=str(data), VOCAB_SIZE=1024, TRAIN_SEQ_LEN=128, EVAL_SEQ_LEN=128,
+    h = tiny_hparams(monkeypatch, DATA_DIR=str(data), DATASET="docs_sp1024", VOCAB_SIZE=1024, TRAIN_SEQ_LEN=128, EVAL_SEQ_LEN=128,
                      TRAIN_BATCH_TOKENS=2048, MICRO_BATCH_SEQS=16, MAX_WALLCLOCK_SECONDS=31, GPTQ_RESERVE_SECONDS=1,
                      WARMUP_STEPS=1, MUON_MOMENTUM_WARMUP_STEPS=20, TRAIN_LOG_EVERY=20)
     runtime = tg.Runtime()
