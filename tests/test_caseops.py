@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import train_gpt as tg
 from test_data import corpus_docs, run_prepare, write_jsonl
