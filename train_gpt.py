@@ -155,8 +155,8 @@ class Hyperparameters:
         with config_section("data"):  # data and run identity
             self.data_dir = env_str("DATA_DIR", "./data", "root holding datasets/ and tokenizers/")
             self.dataset = env_str("DATASET", "", "dataset folder under DATA_DIR/datasets/; empty = fineweb10B_sp{VOCAB_SIZE}")
-            self.tokenizer_path = env_str("TOKENIZER_PATH", "", "sentencepiece model; empty = DATA_DIR/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model")
-            self.run_id = env_str("RUN_ID", "", "name of this run's logs/ files; empty = <date>_<time>_<6 hex digits>")
+            self.tokenizer_path = env_str("TOKENIZER_PATH", "", "sentencepiece model; empty = the one the dataset's manifest.json names, else DATA_DIR/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model")
+            self.run_id = env_str("RUN_ID", "", "name of this run's logs/ files; empty = <YYYYmmdd_HHMMSS>_<6 hex digits>")
             self.seed = env_int("SEED", 1337, "seed for weights and data order")
             self.log_dir = env_str("LOG_DIR", "logs", "folder for <RUN_ID>.txt, <RUN_ID>.jsonl and the artifact")
 
@@ -269,7 +269,11 @@ class Hyperparameters:
 
     @property
     def tokenizer_file(self) -> str:
-        return self.tokenizer_path or os.path.join(self.data_dir, "tokenizers", f"fineweb_{self.vocab_size}_bpe.model")
+        """TOKENIZER_PATH, else the tokenizer the dataset's manifest names (relative to DATA_DIR), else FineWeb's."""
+        if self.tokenizer_path:
+            return self.tokenizer_path
+        named = read_dataset_manifest(self.dataset_dir).get("tokenizer", {}).get("file")
+        return os.path.join(self.data_dir, named or os.path.join("tokenizers", f"fineweb_{self.vocab_size}_bpe.model"))
 
     @property
     def dataset_dir(self) -> str:
@@ -367,6 +371,9 @@ SHARD_HEADER_INTS = 256
 BOS_ID = 1
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 DATA_HELP = "download shards with data/cached_challenge_fineweb.py or build them with data/prepare_docs.py"
+BYTE_SIDECAR_GLOB = "fineweb_val_bytes_*.bin"  # per validation token: its original UTF-8 bytes, in shard format
+CASEOPS_OPERATORS = ("\ue001", "\ue002", "\ue003", "\ue004")  # TITLE, ALLCAPS, CAPNEXT, ESCAPE (data/caseops.py)
+CHALLENGE_VAL_DOCS = 50_000  # documents in the challenge's FineWeb validation split
 
 
 class DataError(RuntimeError):
@@ -409,7 +416,7 @@ def list_shards(dataset_dir: str, split: str) -> list[str]:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not os.path.isdir(dataset_dir):
         raise DataError(f"{dataset_dir}: dataset folder does not exist; check DATA_DIR/VOCAB_SIZE, or {DATA_HELP}")
-    files = sorted(glob.glob(os.path.join(dataset_dir, f"fineweb_{split}_*.bin")))
+    files = sorted(glob.glob(os.path.join(dataset_dir, f"fineweb_{split}_[0-9]*.bin")))  # not the byte side-car
     if not files:
         raise DataError(f"{dataset_dir}: no fineweb_{split}_*.bin shards; {DATA_HELP}")
     return files
@@ -422,6 +429,17 @@ def load_validation_tokens(dataset_dir: str, vocab_size: int) -> Tensor:
     if len(tokens) < 2:
         raise DataError(f"{dataset_dir}: validation shards hold {len(tokens)} tokens, need at least 2 to score; {DATA_HELP}")
     return tokens
+
+
+def read_dataset_manifest(dataset_dir: str) -> dict:
+    """The manifest.json the data/ scripts write into a dataset folder, or {} when it has none."""
+    path = os.path.join(dataset_dir, "manifest.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: unreadable manifest ({error}); rebuild the dataset or delete the file") from None
 
 
 def _check_not_validation(files: list[str]) -> None:
@@ -568,9 +586,6 @@ class ByteTables:
     has_leading_space: Tensor  # bool [V]: the piece starts with '▁'
     is_boundary: Tensor       # bool [V]: control/unknown/unused pieces (no space is counted after them)
 
-    def to(self, device) -> "ByteTables":
-        return ByteTables(self.base_bytes.to(device), self.has_leading_space.to(device), self.is_boundary.to(device))
-
     def target_bytes(self, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
         """Bytes of each target token given the token before it (same shapes), as int32."""
         space = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]
@@ -624,14 +639,33 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
     return ByteTables(torch.from_numpy(base_bytes), torch.from_numpy(has_leading_space), torch.from_numpy(is_boundary))
 
 
-def count_validation_bytes(val_tokens: Tensor, tables: ByteTables) -> int:
-    """UTF-8 bytes of all scored targets val_tokens[1:] given their predecessors: the bpb denominator."""
-    total = 0
-    chunk = 1 << 22  # bounded memory for long streams
-    for start in range(0, len(val_tokens) - 1, chunk):
-        end = min(start + chunk, len(val_tokens) - 1)
-        total += int(tables.target_bytes(val_tokens[start:end], val_tokens[start + 1:end + 1]).sum(dtype=torch.int64))
-    return total
+def is_caseops(sp, manifest: dict) -> bool:
+    """CaseOps data (FRONTIER §6): the manifest says so, or the tokenizer has the case operator pieces."""
+    return bool(manifest.get("caseops")) or any(sp.id_to_piece(sp.piece_to_id(op)) == op for op in CASEOPS_OPERATORS)
+
+
+def validation_target_bytes(dataset_dir: str, val_tokens: Tensor, tables: ByteTables, caseops: bool, log=log_nothing) -> Tensor:
+    """Bytes of every target (int32 [len(val_tokens) - 1]; target i is val_tokens[i+1]): the bpb denominator
+    of every evaluation. From the dataset's byte side-car when it has one (entry j = original UTF-8 bytes of
+    token j), else from the tokenizer's tables. CaseOps pieces spell the transformed text, not the original,
+    so a CaseOps dataset must have the side-car; one with a small validation split gets a warning."""
+    sidecars = sorted(glob.glob(os.path.join(dataset_dir, BYTE_SIDECAR_GLOB)))
+    if not sidecars:
+        if caseops:
+            raise DataError(f"{dataset_dir}: CaseOps dataset without a byte side-car ({BYTE_SIDECAR_GLOB}), so its bytes cannot be "
+                            "counted; rebuild it with data/prepare_docs.py --caseops or data/cached_challenge_fineweb.py --variant sp8192-caseops")
+        log("bytes: tokenizer tables")
+        return tables.target_bytes(val_tokens[:-1], val_tokens[1:])
+    counts = np.concatenate([read_shard(path) for path in sidecars])
+    if len(counts) != len(val_tokens):
+        raise DataError(f"{sidecars[0]}: the byte side-car has {len(counts)} entries for {len(val_tokens)} validation tokens; "
+                        "they must align one to one, rebuild the dataset")
+    if counts[val_tokens.numpy() == BOS_ID].any():  # BOS spells no text: a nonzero count there means misalignment
+        raise DataError(f"{sidecars[0]}: the byte side-car gives BOS tokens bytes, so it is not aligned with the tokens; rebuild the dataset")
+    log(f"bytes: side-car {sidecars[0]}" + (f" (+{len(sidecars) - 1} more)" if len(sidecars) > 1 else ""))
+    if caseops and (val_docs := int((val_tokens == BOS_ID).sum())) < CHALLENGE_VAL_DOCS:
+        log(f"WARNING: CaseOps validation split of {val_docs} documents, not the challenge's {CHALLENGE_VAL_DOCS:,}: not a comparable score")
+    return torch.from_numpy(counts[1:].astype(np.int32))
 
 
 # ==================================================================================================
@@ -1808,16 +1842,18 @@ def rank_share(begin: int, end: int, runtime: Runtime) -> tuple[int, int]:
     return begin + n * runtime.rank // runtime.world_size, begin + n * (runtime.rank + 1) // runtime.world_size
 
 
-def score_windows(model: nn.Module, tokens: Tensor, tables: ByteTables, windows: Tensor, seq_len: int,
+def score_windows(model: nn.Module, tokens: Tensor, target_bytes: Tensor, windows: Tensor, seq_len: int,
                   batch_windows: int, totals: Tensor) -> None:
     """Add (nats, bytes, count) of the scored targets of `windows` to `totals` (float64 [3]), in
-    forwards of exactly batch_windows windows. Call under no_grad."""
+    forwards of exactly batch_windows windows; target_bytes[i] is the byte count of target i.
+    Call under no_grad."""
     for i in range(0, windows.size(0), batch_windows):
-        inputs, targets, scored = window_batch(tokens, pad_windows(windows[i : i + batch_windows], batch_windows), seq_len)
+        batch = pad_windows(windows[i : i + batch_windows], batch_windows)
+        inputs, targets, scored = window_batch(tokens, batch, seq_len)
         nll = model(inputs, targets, reduction="none")
-        target_bytes = tables.target_bytes(inputs, targets)
+        positions = (batch[:, :1] + torch.arange(seq_len, device=tokens.device)).clamp(max=target_bytes.numel() - 1)
         totals += torch.stack((torch.where(scored, nll.double(), 0.0).sum(),
-                               torch.where(scored, target_bytes, 0).sum().double(),
+                               torch.where(scored, target_bytes[positions], 0).sum().double(),
                                scored.sum().double()))
 
 
@@ -1826,35 +1862,35 @@ def eval_result(stage: str, totals: Tensor, seconds: float) -> EvalResult:
     return EvalResult(stage, nats / count, nats / (math.log(2) * num_bytes), int(count), int(num_bytes), seconds)
 
 
-def eval_windows(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperparameters,
+def eval_windows(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
                  runtime: Runtime, stage: str, windows: Tensor) -> EvalResult:
     """Score a plan: windows split over ranks, VAL_BATCH_TOKENS per forward, sums all-reduced in float64."""
     synchronize(runtime)
     t0 = time.perf_counter()
-    tokens, tables = val_tokens.to(runtime.device), tables.to(runtime.device)
+    tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
     begin, end = rank_share(0, windows.size(0), runtime)
     # Static shapes, but no padding beyond the largest rank's share (tiny validation sets on CPU).
     batch_windows = max(1, min(h.val_batch_tokens // h.eval_seq_len, math.ceil(windows.size(0) / runtime.world_size)))
     totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)
     with looping_enabled(model), torch.no_grad():
-        score_windows(model, tokens, tables, windows[begin:end].to(runtime.device), h.eval_seq_len, batch_windows, totals)
+        score_windows(model, tokens, target_bytes, windows[begin:end].to(runtime.device), h.eval_seq_len, batch_windows, totals)
     all_reduce_sum(totals, runtime)
     synchronize(runtime)
     return eval_result(stage, totals, time.perf_counter() - t0)
 
 
-def eval_plain(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperparameters,
+def eval_plain(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
                runtime: Runtime, stage: str = "plain") -> EvalResult:
     """Non-overlapping EVAL_SEQ_LEN windows over the whole stream, tail included."""
     windows = plain_windows(val_tokens.numel() - 1, h.eval_seq_len)
-    return eval_windows(model, val_tokens, tables, h, runtime, stage, windows)
+    return eval_windows(model, val_tokens, target_bytes, h, runtime, stage, windows)
 
 
-def eval_sliding(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperparameters,
+def eval_sliding(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
                  runtime: Runtime, stage: str = "sliding") -> EvalResult:
     """EVAL_SEQ_LEN windows advanced by EVAL_STRIDE; every target scored once with >= len - stride context."""
     windows = sliding_windows(val_tokens.numel() - 1, h.eval_seq_len, h.eval_stride)
-    return eval_windows(model, val_tokens, tables, h, runtime, stage, windows)
+    return eval_windows(model, val_tokens, target_bytes, h, runtime, stage, windows)
 
 
 def all_reduce_grads(params: list[nn.Parameter], runtime: Runtime) -> None:
@@ -1895,7 +1931,7 @@ def train_on_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: torc
         optimizer.step()
 
 
-def eval_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperparameters,
+def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
              runtime: Runtime, log=log_nothing, stage: str = "ttt") -> EvalResult:
     """Legal score-first test-time training (SPEC §7). The targets are cut into TTT_CHUNK_TOKENS
     chunks; each chunk is first scored with the sliding plan under no_grad (those losses are the
@@ -1905,7 +1941,7 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperp
     and CHANGES THE MODEL'S WEIGHTS IN PLACE: run it last, or on a copy."""
     synchronize(runtime)
     t0 = time.perf_counter()
-    tokens, tables = val_tokens.to(runtime.device), tables.to(runtime.device)
+    tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
     num_targets, seq_len, chunk_tokens = tokens.numel() - 1, h.eval_seq_len, h.ttt_chunk_tokens
     windows = split_at_chunks(sliding_windows(num_targets, seq_len, h.eval_stride), chunk_tokens, seq_len)
     chunk_begins = list(range(0, num_targets, chunk_tokens))
@@ -1927,7 +1963,7 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperp
             for c, chunk_begin in enumerate(chunk_begins):
                 begin, end = rank_share(window_bounds[c], window_bounds[c + 1], runtime)
                 with torch.no_grad():
-                    score_windows(model, tokens, tables, windows[begin:end], seq_len, batch_windows, totals)
+                    score_windows(model, tokens, target_bytes, windows[begin:end], seq_len, batch_windows, totals)
                 if c < num_chunks - 1:
                     lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
                     chunk_end = min(chunk_begin + chunk_tokens, num_targets)
@@ -2039,7 +2075,7 @@ def log_timing(log: Logger, name: str, seconds: float) -> None:
 
 
 def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tokens: Tensor,
-          tables: ByteTables) -> tuple[TrainLoader, WeightAverager, float]:
+          val_target_bytes: Tensor) -> tuple[TrainLoader, WeightAverager, float]:
     """The training loop under the wallclock budget; returns (loader, averager, training seconds)."""
     micro_seqs, grad_accum_steps = batch_layout(h, runtime)
     log(f"world_size:{runtime.world_size} grad_accum_steps:{grad_accum_steps} micro_batch_seqs:{micro_seqs} "
@@ -2099,7 +2135,7 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
                         step_avg_ms=elapsed * 1000 / step, tok_s=tokens_per_s, lr_mult=lr_mult, looping=model.looping)
         if h.val_loss_every and step % h.val_loss_every == 0 and not last:
             training_seconds = elapsed  # the clock pauses during validation
-            log_eval(log, eval_plain(model, val_tokens, tables, h, runtime, stage=f"step{step}"))
+            log_eval(log, eval_plain(model, val_tokens, val_target_bytes, h, runtime, stage=f"step{step}"))
             synchronize(runtime)
             t_resume = time.perf_counter()
             continue
@@ -2177,7 +2213,7 @@ def calibration_batches(loader: TrainLoader, h: Hyperparameters, runtime: Runtim
 
 
 def evaluate_artifact(path: str, h: Hyperparameters, runtime: Runtime, log: Logger, backend: str,
-                      val_tokens: Tensor, tables: ByteTables) -> tuple[EvalResult, dict]:
+                      val_tokens: Tensor, val_target_bytes: Tensor) -> tuple[EvalResult, dict]:
     """Score an artifact file the way the rules count it: the eval clock runs from reading the file
     and building the model to the last score. Stages: plain, sliding, TTT (last: it changes the
     weights). Returns (the final result, timing fields for the final event)."""
@@ -2187,13 +2223,13 @@ def evaluate_artifact(path: str, h: Hyperparameters, runtime: Runtime, log: Logg
     model = build_model(h, runtime, backend)
     load_artifact(blob, model)
     compile_model(model, h, runtime)
-    results = [eval_plain(model, val_tokens, tables, h, runtime, stage="quantized")]
+    results = [eval_plain(model, val_tokens, val_target_bytes, h, runtime, stage="quantized")]
     log_eval(log, results[-1])
     if h.sliding_window_enabled:
-        results.append(eval_sliding(model, val_tokens, tables, h, runtime, stage="quantized_sliding"))
+        results.append(eval_sliding(model, val_tokens, val_target_bytes, h, runtime, stage="quantized_sliding"))
         log_eval(log, results[-1])
     if h.ttt_enabled:
-        results.append(eval_ttt(model, val_tokens, tables, h, runtime, log=log, stage="quantized_ttt"))
+        results.append(eval_ttt(model, val_tokens, val_target_bytes, h, runtime, log=log, stage="quantized_ttt"))
         log_eval(log, results[-1])
     synchronize(runtime)
     eval_seconds = time.perf_counter() - t0
@@ -2231,15 +2267,18 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     backend = select_attention_backend(runtime.device)
     log(f"attention_backend:{backend}")
 
-    sp = load_tokenizer(h.tokenizer_file, h.vocab_size)
-    tables = build_byte_tables(sp, h.vocab_size)
+    tokenizer_file = h.tokenizer_file
+    log(f"dataset:{h.dataset_dir} tokenizer:{tokenizer_file}")
+    sp = load_tokenizer(tokenizer_file, h.vocab_size)
+    caseops = is_caseops(sp, read_dataset_manifest(h.dataset_dir))
     val_tokens = load_validation_tokens(h.dataset_dir, h.vocab_size)
+    val_target_bytes = validation_target_bytes(h.dataset_dir, val_tokens, build_byte_tables(sp, h.vocab_size), caseops, log)
     if h.val_max_tokens and val_tokens.numel() > h.val_max_tokens:
-        val_tokens = val_tokens[: h.val_max_tokens]
+        val_tokens, val_target_bytes = val_tokens[: h.val_max_tokens], val_target_bytes[: h.val_max_tokens - 1]
         log(f"WARNING: VAL_MAX_TOKENS={h.val_max_tokens}: scoring a prefix of the validation set; not a comparable score")
-    val_bytes = count_validation_bytes(val_tokens, tables)
+    val_bytes = int(val_target_bytes.sum(dtype=torch.int64))
     log(f"val_tokens:{val_tokens.numel()} val_bytes:{val_bytes}")
-    tables = tables.to(runtime.device)
+    val_target_bytes = val_target_bytes.to(runtime.device)
 
     model = build_model(h, runtime, backend)
     num_params = sum(p.numel() for p in model.parameters())
@@ -2252,7 +2291,7 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     final = dict(event="final", status="ok", error=None, world_size=runtime.world_size, train_time_s=0.0)
 
     if h.eval_only:
-        result, timing = evaluate_artifact(h.eval_only, h, runtime, log, backend, val_tokens, tables)
+        result, timing = evaluate_artifact(h.eval_only, h, runtime, log, backend, val_tokens, val_target_bytes)
         final.update(val_loss=result.loss, val_bpb=result.bpb, final_stage=result.stage, **timing,
                      total_bytes=os.path.getsize(h.eval_only), artifact_path=h.eval_only)
         log.metrics(**final)
@@ -2271,8 +2310,8 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
         loader = TrainLoader(train_files, h.train_seq_len, micro_seqs, accum, runtime, h.seed, h.vocab_size)
         training_seconds, chosen = 0.0, "saved"
     else:
-        loader, averager, training_seconds = train(model, h, runtime, log, val_tokens, tables)
-        log_eval(log, eval_plain(model, val_tokens, tables, h, runtime, stage="pre_average"))
+        loader, averager, training_seconds = train(model, h, runtime, log, val_tokens, val_target_bytes)
+        log_eval(log, eval_plain(model, val_tokens, val_target_bytes, h, runtime, stage="pre_average"))
     # Choosing the weights and GPTQ calibration read training data: they count toward the train time.
     synchronize(runtime)
     t0 = time.perf_counter()
@@ -2284,7 +2323,7 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     loader.close()
     log_timing(log, "weight_choice_and_gptq_calibration", calibration_seconds)
     if chosen in ("ema", "swa"):  # raw weights were already scored as pre_average
-        log_eval(log, eval_plain(model, val_tokens, tables, h, runtime, stage=f"post_{chosen}"))
+        log_eval(log, eval_plain(model, val_tokens, val_target_bytes, h, runtime, stage=f"post_{chosen}"))
     if runtime.is_main and not h.requantize_from:  # for REQUANTIZE_FROM: re-sweep quantization without retraining
         torch.save({"config": h.artifact_config(("model",)), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
                    weights_path)
@@ -2321,7 +2360,7 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
         raise ArtifactBudgetError(f"artifact is {total_bytes} bytes, over the {ARTIFACT_LIMIT_BYTES} limit: "
                                   f"lower ARTIFACT_TARGET_BYTES or MATRIX_BITS")
 
-    result, timing = evaluate_artifact(str(artifact_path), h, runtime, log, backend, val_tokens, tables)
+    result, timing = evaluate_artifact(str(artifact_path), h, runtime, log, backend, val_tokens, val_target_bytes)
     final.update(val_loss=result.loss, val_bpb=result.bpb, final_stage=result.stage, **timing)
     if runtime.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(runtime.device) / 2**20
