@@ -198,6 +198,10 @@ class Hyperparameters:
         self.ttt_epochs = env_int("TTT_EPOCHS", 3, "TTT passes over each scored chunk", min_value=0)
         self.ttt_chunk_tokens = env_int("TTT_CHUNK_TOKENS", 32768, "TTT chunk length in tokens", min_value=1)
         self.ttt_grad_clip = env_float("TTT_GRAD_CLIP", 1.0, "TTT gradient-norm clip; 0 = off", min_value=0)
+        self.ngram_tilt_enabled = env_bool("NGRAM_TILT_ENABLED", False, "tilt each scored distribution toward the token that most often followed the same context earlier in the stream")
+        self.ngram_tilt_order = env_int("NGRAM_TILT_ORDER", 16, "n-gram tilt: n; the context is the previous n-1 tokens", min_value=2)
+        self.ngram_tilt_threshold = env_float("NGRAM_TILT_THRESHOLD", 0.8, "n-gram tilt fires where top_count/total of the context >= this", min_value=0, max_value=1)
+        self.ngram_tilt_boost = env_float("NGRAM_TILT_BOOST", 2.625, "n-gram tilt: log-boost of the hint token, p'(h) ~ p(h)*e^boost", min_value=0)
         self.eval_only = env_str("EVAL_ONLY", "", "path of a saved .ptz artifact to re-score without training")
         self.val_max_tokens = env_int("VAL_MAX_TOKENS", 0, "score only the first N validation tokens (smoke runs; the score is then not comparable); 0 = all", min_value=0)
 
@@ -796,14 +800,18 @@ class SoftcapHead(nn.Module):
         super().__init__()
         self.softcap = softcap
 
-    def forward(self, hidden: Tensor, embedding: Tensor, target_ids: Tensor | None, reduction: str) -> Tensor:
+    def forward(self, hidden: Tensor, embedding: Tensor, target_ids: Tensor | None, reduction: str,
+                hint_ids: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         z = F.linear(hidden, embedding.to(hidden.dtype))
         cap = torch.tensor(self.softcap, device=z.device)
         if target_ids is None:
             return softcap(z, cap, cap)
-        nll, _ = softcap_cross_entropy(z.flatten(0, 1), target_ids.flatten(), cap, cap)
+        if hint_ids is not None and reduction != "none":
+            raise ValueError(f"hint_ids need reduction='none' (got {reduction!r}): the hint nll is per token")
+        nll, hint_nll = softcap_cross_entropy(z.flatten(0, 1), target_ids.flatten(), cap, cap,
+                                              None if hint_ids is None else hint_ids.flatten())
         if reduction == "none":
-            return nll.view_as(target_ids)
+            return nll.view_as(target_ids) if hint_ids is None else (nll.view_as(target_ids), hint_nll.view_as(hint_ids))
         return nll.sum() if reduction == "sum" else nll.mean()
 
 
@@ -878,9 +886,11 @@ class GPT(nn.Module):
             x = 0.5 * (x + lane1)
         return self.final_norm(x)
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean") -> Tensor:
-        """Logits [B,T,V] without targets; else the fp32 cross-entropy ('mean', 'sum' or per-token 'none')."""
-        return self.head(self.hidden(input_ids), self.tok_emb.weight, target_ids, reduction)
+    def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean",
+                hint_ids: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits [B,T,V] without targets; else the fp32 cross-entropy ('mean', 'sum' or per-token 'none');
+        with hint_ids (and 'none') the pair (nll, -log p(hint)) from the same logits (n-gram tilt)."""
+        return self.head(self.hidden(input_ids), self.tok_emb.weight, target_ids, reduction, hint_ids)
 
     def matrix_params(self) -> list[nn.Parameter]:
         """2-D block weights: trained by Muon and quantized to MATRIX_BITS."""
@@ -1584,6 +1594,8 @@ class EvalResult:
     tokens: int          # scored targets
     bytes: int           # their UTF-8 bytes
     seconds: float
+    untilted: EvalResult | None = None  # with the n-gram tilt on: the same scores untilted (the A/B)
+    gated: int = 0                      # scored targets where the n-gram tilt fired
 
 
 # A scoring plan is an int64 tensor of windows, one row (start, score_from, score_to) each, in
@@ -1649,22 +1661,126 @@ def rank_share(begin: int, end: int, runtime: Runtime) -> tuple[int, int]:
     return begin + n * runtime.rank // runtime.world_size, begin + n * (runtime.rank + 1) // runtime.world_size
 
 
+# N-gram tilt (FRONTIER §1). The hint of target i (= val_tokens[i+1]) is the token that most often
+# followed the same NGRAM_TILT_ORDER-1 tokens val_tokens[i-order+2 : i+1] earlier in the stream (ties:
+# the token that reached the top count first), read BEFORE the update with target i, so it depends on
+# val_tokens[:i+1] only; it fires where top_count/total >= NGRAM_TILT_THRESHOLD. There the scored
+# distribution becomes p'(a) = p(a)*e^(b*[a=h]) / Z, Z = 1 + p(h)*(e^b - 1), normalised in closed form:
+# nll' = nll - b*[y=h] + log1p(p(h)*expm1(b)). Training and TTT updates use the untilted loss.
+def window_ids(tokens: Tensor, length: int) -> Tensor:
+    """ids[p] == ids[q] exactly when tokens[p:p+length] == tokens[q:q+length]: dense ranks by prefix
+    doubling (the window of span+step tokens at p is the pair (span-window at p, span-window at
+    p+step), ranked with torch.unique), so no hash can make two different contexts collide."""
+    ids, span = tokens, 1
+    while span < length:
+        step = min(span, length - span)
+        ids = torch.unique(ids[:-step] * (int(ids.max()) + 1) + ids[step:], return_inverse=True)[1]
+        span += step
+    return ids
+
+
+def group_starts(sorted_keys: Tensor, idx: Tensor) -> Tensor:
+    """For each slot of a sorted key tensor, the slot where its run of equal keys begins."""
+    new = torch.ones_like(sorted_keys, dtype=torch.bool)
+    new[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return torch.cummax(torch.where(new, idx, 0), 0).values
+
+
+@torch.no_grad()
+def ngram_hints(tokens: Tensor, order: int, threshold: float) -> tuple[Tensor, Tensor]:
+    """(hints int32, gates bool) per target of the stream `tokens`; targets whose context is incomplete
+    or new get hint 0 and no gate. The state machine, vectorised with two stable sorts: in (context,
+    position) order each context's occurrences are contiguous and in stream order, the pair counts
+    come from (context, follower, position) order, and read-before-update is a shift by one slot."""
+    num_targets, k = tokens.numel() - 1, order - 1
+    hints = torch.zeros(max(num_targets, 0), dtype=torch.int32, device=tokens.device)
+    gates = torch.zeros_like(hints, dtype=torch.bool)
+    if num_targets < k:
+        return hints, gates
+    context = window_ids(tokens[:num_targets], k)  # context[p] = tokens[p:p+k], the context of target p+k-1
+    follower = tokens[k:]                          # its target, tokens[p+k]
+    idx = torch.arange(context.numel(), device=tokens.device)
+    sorted_pairs, by_pair = torch.sort(context * (int(follower.max()) + 1) + follower, stable=True)
+    count = torch.empty_like(idx)  # pair_count after the update: rank inside the (context, follower) run
+    count[by_pair] = idx - group_starts(sorted_pairs, idx) + 1
+    del sorted_pairs, by_pair
+    sorted_context, by_context = torch.sort(context, stable=True)
+    del context
+    count, start = count[by_context], group_starts(sorted_context, idx)
+    total = idx - start + 1
+    offset = sorted_context * (idx.numel() + 1)  # keeps the running max inside each context's run
+    top = torch.cummax(offset + count, 0).values - offset
+    del offset, sorted_context
+    first = start == idx
+    # The top token is the follower of the group's latest record (count above every earlier count).
+    leader = torch.cummax(torch.where(count > torch.where(first, 0, top.roll(1)), idx, 0), 0).values
+    top_token = follower[by_context[leader]]
+    gate = ~first & (top.roll(1).double() / total.roll(1).double() >= threshold)  # state after slot q-1
+    hints[by_context + k - 1] = torch.where(first, 0, top_token.roll(1)).to(torch.int32)
+    gates[by_context + k - 1] = gate
+    return hints, gates
+
+
+@dataclass
+class NgramTilt:
+    """A stream's hints (ngram_hints) and the boost; gather() and apply() serve every scoring path."""
+    hints: Tensor  # int32 [num_targets]
+    gates: Tensor  # bool [num_targets]
+    boost: float
+
+    def gather(self, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """(hint_ids int64, gates) at target indices `positions`; no gate where not `valid`."""
+        positions = torch.where(valid, positions, 0)
+        return self.hints[positions].long(), self.gates[positions] & valid
+
+    def apply(self, nll: Tensor, hint_nll: Tensor, target_ids: Tensor, hint_ids: Tensor, gates: Tensor) -> Tensor:
+        """nll' = nll - b*[y=h] + log1p(p(h)*expm1(b)) where gated, else nll; hint_nll = -log p(h)
+        from the same logits as nll (GPT.forward with hint_ids)."""
+        tilted = nll - self.boost * (target_ids == hint_ids) + torch.log1p(torch.exp(-hint_nll) * math.expm1(self.boost))
+        return torch.where(gates, tilted, nll)
+
+
+def ngram_tilt(tokens: Tensor, h: Hyperparameters) -> NgramTilt | None:
+    """The stream's tilt on tokens' device, or None when NGRAM_TILT_ENABLED=0. Every rank builds all the
+    hints itself: a hint depends on every earlier occurrence of its context, so even one rank's targets
+    need the global sort, which takes well under a second on a GPU; sharing it would cost collectives
+    as large as the result and save nothing."""
+    if not h.ngram_tilt_enabled:
+        return None
+    return NgramTilt(*ngram_hints(tokens, h.ngram_tilt_order, h.ngram_tilt_threshold), h.ngram_tilt_boost)
+
+
 def score_windows(model: nn.Module, tokens: Tensor, tables: ByteTables, windows: Tensor, seq_len: int,
-                  batch_windows: int, totals: Tensor) -> None:
-    """Add (nats, bytes, count) of the scored targets of `windows` to `totals` (float64 [3]), in
-    forwards of exactly batch_windows windows. Call under no_grad."""
+                  batch_windows: int, totals: Tensor, tilt: NgramTilt | None = None) -> None:
+    """Add (nats, bytes, count, untilted nats, gated count) of the scored targets of `windows` to
+    `totals` (float64 [5]), in forwards of exactly batch_windows windows; with a tilt the nats are
+    tilted. Call under no_grad."""
     for i in range(0, windows.size(0), batch_windows):
-        inputs, targets, scored = window_batch(tokens, pad_windows(windows[i : i + batch_windows], batch_windows), seq_len)
-        nll = model(inputs, targets, reduction="none")
+        batch = pad_windows(windows[i : i + batch_windows], batch_windows)
+        inputs, targets, scored = window_batch(tokens, batch, seq_len)
+        if tilt is None:
+            nll = untilted = model(inputs, targets, reduction="none")
+            gates = torch.zeros_like(scored)
+        else:
+            hint_ids, gates = tilt.gather(batch[:, :1] + torch.arange(seq_len, device=tokens.device), scored)
+            untilted, hint_nll = model(inputs, targets, reduction="none", hint_ids=hint_ids)
+            nll = tilt.apply(untilted, hint_nll, targets, hint_ids, gates)
         target_bytes = tables.target_bytes(inputs, targets)
         totals += torch.stack((torch.where(scored, nll.double(), 0.0).sum(),
                                torch.where(scored, target_bytes, 0).sum().double(),
-                               scored.sum().double()))
+                               scored.sum().double(), torch.where(scored, untilted.double(), 0.0).sum(),
+                               gates.sum().double()))
 
 
-def eval_result(stage: str, totals: Tensor, seconds: float) -> EvalResult:
-    nats, num_bytes, count = totals.tolist()
-    return EvalResult(stage, nats / count, nats / (math.log(2) * num_bytes), int(count), int(num_bytes), seconds)
+def eval_result(stage: str, totals: Tensor, seconds: float, tilted: bool = False) -> EvalResult:
+    nats, num_bytes, count, untilted_nats, gated = totals.tolist()
+
+    def result(name: str, n: float) -> EvalResult:
+        return EvalResult(name, n / count, n / (math.log(2) * num_bytes), int(count), int(num_bytes), seconds)
+    final = result(stage, nats)
+    if tilted:
+        final.untilted, final.gated = result(f"{stage}_untilted", untilted_nats), int(gated)
+    return final
 
 
 def eval_windows(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperparameters,
@@ -1673,15 +1789,16 @@ def eval_windows(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hy
     synchronize(runtime)
     t0 = time.perf_counter()
     tokens, tables = val_tokens.to(runtime.device), tables.to(runtime.device)
+    tilt = ngram_tilt(tokens, h)
     begin, end = rank_share(0, windows.size(0), runtime)
     # Static shapes, but no padding beyond the largest rank's share (tiny validation sets on CPU).
     batch_windows = max(1, min(h.val_batch_tokens // h.eval_seq_len, math.ceil(windows.size(0) / runtime.world_size)))
-    totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)
+    totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
     with looping_enabled(model), torch.no_grad():
-        score_windows(model, tokens, tables, windows[begin:end].to(runtime.device), h.eval_seq_len, batch_windows, totals)
+        score_windows(model, tokens, tables, windows[begin:end].to(runtime.device), h.eval_seq_len, batch_windows, totals, tilt)
     all_reduce_sum(totals, runtime)
     synchronize(runtime)
-    return eval_result(stage, totals, time.perf_counter() - t0)
+    return eval_result(stage, totals, time.perf_counter() - t0, tilt is not None)
 
 
 def eval_plain(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperparameters,
@@ -1747,6 +1864,7 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperp
     synchronize(runtime)
     t0 = time.perf_counter()
     tokens, tables = val_tokens.to(runtime.device), tables.to(runtime.device)
+    tilt = ngram_tilt(tokens, h)
     num_targets, seq_len, chunk_tokens = tokens.numel() - 1, h.eval_seq_len, h.ttt_chunk_tokens
     windows = split_at_chunks(sliding_windows(num_targets, seq_len, h.eval_stride), chunk_tokens, seq_len)
     chunk_begins = list(range(0, num_targets, chunk_tokens))
@@ -1761,14 +1879,14 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperp
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-    totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)
+    totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
     log_every = max(1, num_chunks // 20)
     try:
         with looping_enabled(model):
             for c, chunk_begin in enumerate(chunk_begins):
                 begin, end = rank_share(window_bounds[c], window_bounds[c + 1], runtime)
                 with torch.no_grad():
-                    score_windows(model, tokens, tables, windows[begin:end], seq_len, batch_windows, totals)
+                    score_windows(model, tokens, tables, windows[begin:end], seq_len, batch_windows, totals, tilt)
                 if c < num_chunks - 1:
                     lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
                     chunk_end = min(chunk_begin + chunk_tokens, num_targets)
@@ -1781,7 +1899,7 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperp
         optimizer.zero_grad(set_to_none=True)
     all_reduce_sum(totals, runtime)
     synchronize(runtime)
-    return eval_result(stage, totals, time.perf_counter() - t0)
+    return eval_result(stage, totals, time.perf_counter() - t0, tilt is not None)
 
 
 # ==================================================================================================
@@ -1872,6 +1990,10 @@ def log_eval(log: Logger, result: EvalResult) -> None:
     log(f"{result.stage} val_loss:{result.loss:.6f} val_bpb:{result.bpb:.6f} eval_time:{result.seconds * 1000:.0f}ms")
     log.metrics(event="eval", stage=result.stage, val_loss=result.loss, val_bpb=result.bpb,
                 eval_time_ms=result.seconds * 1000, tokens=result.tokens, bytes=result.bytes)
+    if result.untilted is not None:
+        log_eval(log, result.untilted)
+        log(f"ngram_tilt {result.stage} gated:{result.gated}/{result.tokens} ({result.gated / result.tokens:.2%})")
+        log.metrics(event="ngram_tilt", stage=result.stage, gated=result.gated, scored=result.tokens)
 
 
 def log_timing(log: Logger, name: str, seconds: float) -> None:
