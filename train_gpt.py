@@ -1667,56 +1667,69 @@ def rank_share(begin: int, end: int, runtime: Runtime) -> tuple[int, int]:
 # val_tokens[:i+1] only; it fires where top_count/total >= NGRAM_TILT_THRESHOLD. There the scored
 # distribution becomes p'(a) = p(a)*e^(b*[a=h]) / Z, Z = 1 + p(h)*(e^b - 1), normalised in closed form:
 # nll' = nll - b*[y=h] + log1p(p(h)*expm1(b)). Training and TTT updates use the untilted loss.
-def window_ids(tokens: Tensor, length: int) -> Tensor:
-    """ids[p] == ids[q] exactly when tokens[p:p+length] == tokens[q:q+length]: dense ranks by prefix
-    doubling (the window of span+step tokens at p is the pair (span-window at p, span-window at
-    p+step), ranked with torch.unique), so no hash can make two different contexts collide."""
-    ids, span = tokens, 1
-    while span < length:
-        step = min(span, length - span)
-        ids = torch.unique(ids[:-step] * (int(ids.max()) + 1) + ids[step:], return_inverse=True)[1]
-        span += step
-    return ids
-
-
-def group_starts(sorted_keys: Tensor, idx: Tensor) -> Tensor:
-    """For each slot of a sorted key tensor, the slot where its run of equal keys begins."""
+def run_begins(sorted_keys: Tensor) -> Tensor:
+    """bool per slot of a sorted 1-D tensor: a run of equal keys begins here."""
     new = torch.ones_like(sorted_keys, dtype=torch.bool)
     new[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    return torch.cummax(torch.where(new, idx, 0), 0).values
+    return new
+
+
+def run_start_slots(new: Tensor) -> Tensor:
+    """int32 per slot: the slot where its run begins (new = run_begins(...))."""
+    return torch.arange(new.numel(), device=new.device, dtype=torch.int32)[new][torch.cumsum(new, 0) - 1]
+
+
+def window_ids(tokens: Tensor, length: int) -> Tensor:
+    """int64 ids with ids[p] == ids[q] exactly when tokens[p:p+length] == tokens[q:q+length], by prefix
+    doubling: the window of span+step tokens at p is the pair (span-window at p, span-window at
+    p+step), packed as id[p]*base + id[p+step]; ids are re-ranked densely (a sort) only where the
+    packing would overflow. No hashing, so two different contexts can never collide."""
+    ids, span = tokens, 1
+    while span < length:
+        step, base = min(span, length - span), int(ids.max()) + 1
+        if base > 2**31:
+            sorted_ids, order = torch.sort(ids)
+            del ids
+            ranks = torch.empty_like(order, dtype=torch.int32)
+            ranks[order] = torch.cumsum(run_begins(sorted_ids), 0, dtype=torch.int32)
+            del sorted_ids, order
+            ids, base = ranks, int(ranks.max()) + 1
+        ids = ids[:-step].long() * base + ids[step:]
+        span += step
+    return ids
 
 
 @torch.no_grad()
 def ngram_hints(tokens: Tensor, order: int, threshold: float) -> tuple[Tensor, Tensor]:
     """(hints int32, gates bool) per target of the stream `tokens`; targets whose context is incomplete
-    or new get hint 0 and no gate. The state machine, vectorised with two stable sorts: in (context,
-    position) order each context's occurrences are contiguous and in stream order, the pair counts
-    come from (context, follower, position) order, and read-before-update is a shift by one slot."""
+    or new get hint 0 and no gate. The state machine, vectorised: a stable sort by context puts each
+    context's occurrences together in stream order (contexts seen once are dropped: they never give
+    or get a hint); a second stable sort by (context, follower) gives the running pair counts; the
+    running top is a cummax inside each run, and read-before-update is a shift by one slot."""
     num_targets, k = tokens.numel() - 1, order - 1
-    hints = torch.zeros(max(num_targets, 0), dtype=torch.int32, device=tokens.device)
-    gates = torch.zeros_like(hints, dtype=torch.bool)
     if num_targets < k:
-        return hints, gates
-    context = window_ids(tokens[:num_targets], k)  # context[p] = tokens[p:p+k], the context of target p+k-1
-    follower = tokens[k:]                          # its target, tokens[p+k]
-    idx = torch.arange(context.numel(), device=tokens.device)
-    sorted_pairs, by_pair = torch.sort(context * (int(follower.max()) + 1) + follower, stable=True)
-    count = torch.empty_like(idx)  # pair_count after the update: rank inside the (context, follower) run
-    count[by_pair] = idx - group_starts(sorted_pairs, idx) + 1
-    del sorted_pairs, by_pair
-    sorted_context, by_context = torch.sort(context, stable=True)
-    del context
-    count, start = count[by_context], group_starts(sorted_context, idx)
+        hints = torch.zeros(max(num_targets, 0), dtype=torch.int32, device=tokens.device)
+        return hints, hints.bool()
+    sorted_ids, by_context = torch.sort(window_ids(tokens[:num_targets], k), stable=True)  # window p = context of target p+k-1
+    new = run_begins(sorted_ids)
+    del sorted_ids
+    repeated = ~(new & torch.cat((new[1:], new.new_ones(1))))  # not a run of one
+    by_context, new = by_context[repeated], new[repeated]
+    follower = tokens[by_context + k]
+    sorted_pairs, by_pair = torch.sort(torch.cumsum(new, 0) * (int(tokens.max()) + 1) + follower, stable=True)
+    count = torch.empty_like(by_pair, dtype=torch.int32)  # the pair's count after the update with this slot
+    idx = torch.arange(count.numel(), device=count.device, dtype=torch.int32)
+    count[by_pair] = idx - run_start_slots(run_begins(sorted_pairs)) + 1
+    start = run_start_slots(new)
     total = idx - start + 1
-    offset = sorted_context * (idx.numel() + 1)  # keeps the running max inside each context's run
-    top = torch.cummax(offset + count, 0).values - offset
-    del offset, sorted_context
-    first = start == idx
-    # The top token is the follower of the group's latest record (count above every earlier count).
-    leader = torch.cummax(torch.where(count > torch.where(first, 0, top.roll(1)), idx, 0), 0).values
-    top_token = follower[by_context[leader]]
-    gate = ~first & (top.roll(1).double() / total.roll(1).double() >= threshold)  # state after slot q-1
-    hints[by_context + k - 1] = torch.where(first, 0, top_token.roll(1)).to(torch.int32)
+    top = torch.cummax(start + count, 0).values - start  # start+count stays below the next run's start
+    # The top token is the follower of the run's latest record (a count above every earlier one):
+    # the record update `pair_count > top_count`, so ties keep the earlier token.
+    leader = torch.cummax(torch.where(count > torch.where(new, 0, top.roll(1)), idx, 0), 0).values
+    gate = ~new & (top.roll(1).double() / total.roll(1).double() >= threshold)  # the state after slot q-1
+    hints = torch.zeros(num_targets, dtype=torch.int32, device=tokens.device)
+    gates = torch.zeros(num_targets, dtype=torch.bool, device=tokens.device)
+    hints[by_context + k - 1] = torch.where(new, 0, follower[leader].roll(1)).to(torch.int32)
     gates[by_context + k - 1] = gate
     return hints, gates
 
@@ -1774,13 +1787,10 @@ def score_windows(model: nn.Module, tokens: Tensor, tables: ByteTables, windows:
 
 def eval_result(stage: str, totals: Tensor, seconds: float, tilted: bool = False) -> EvalResult:
     nats, num_bytes, count, untilted_nats, gated = totals.tolist()
-
-    def result(name: str, n: float) -> EvalResult:
-        return EvalResult(name, n / count, n / (math.log(2) * num_bytes), int(count), int(num_bytes), seconds)
-    final = result(stage, nats)
-    if tilted:
-        final.untilted, final.gated = result(f"{stage}_untilted", untilted_nats), int(gated)
-    return final
+    result, untilted = (EvalResult(name, n / count, n / (math.log(2) * num_bytes), int(count), int(num_bytes), seconds)
+                        for name, n in ((stage, nats), (f"{stage}_untilted", untilted_nats)))
+    result.untilted, result.gated = (untilted, int(gated)) if tilted else (None, 0)
+    return result
 
 
 def eval_windows(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperparameters,
