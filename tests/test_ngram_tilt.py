@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from test_eval import CPU, free_port, make_hparams, make_model, make_tables, one_thread  # noqa: F401
+from test_eval import CPU, distributed_worker, free_port, make_hparams, make_model, make_tables, one_thread  # noqa: F401
 
 
 def reference_hints(tokens: list[int], order: int, threshold: float) -> tuple[list[int], list[bool]]:
@@ -149,6 +149,13 @@ def test_short_streams_have_no_hints():
         assert hints.numel() == n - 1 and not gates.any()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the pass runs on the GPU at evaluation)")
+def test_hints_on_the_gpu_equal_the_cpu():
+    tokens = repetitive_stream(200_000, 50, seed=9)
+    cpu, gpu = tg.ngram_hints(tokens, 16, 0.8), tg.ngram_hints(tokens.cuda(), 16, 0.8)
+    assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu()) and cpu[1].any()
+
+
 # ------------------------------------------------------------------ the tilt
 
 def test_tilted_distribution_sums_to_one_over_the_vocabulary(monkeypatch):
@@ -264,24 +271,11 @@ def tilted_evals(runtime: tg.Runtime, state_path: str) -> list:
     return [(r.loss, r.bpb, r.untilted.loss, r.gated, r.tokens, r.bytes) for r in results]
 
 
-def tilted_worker(rank: int, world_size: int, port: int, state_path: str, out_path: str) -> None:
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        outcome = tilted_evals(tg.Runtime(rank, world_size, rank, torch.device("cpu")), state_path)
-        if rank == 0:
-            torch.save(outcome, out_path)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_processes_give_the_same_tilted_totals(tmp_path):
     state_path, out_path = str(tmp_path / "state.pt"), str(tmp_path / "out.pt")
     torch.save(make_model(make_hparams(), seed=3).state_dict(), state_path)
     single = tilted_evals(CPU, state_path)
-    mp.spawn(tilted_worker, args=(2, free_port(), state_path, out_path), nprocs=2, join=True)
+    mp.spawn(distributed_worker, args=(2, free_port(), state_path, out_path, tilted_evals), nprocs=2, join=True)
     for one, two in zip(single, torch.load(out_path)):
         assert one[3:] == two[3:] and one[3] > 0  # same gated count, tokens, bytes
         assert two[:3] == pytest.approx(one[:3], rel=1e-5)
