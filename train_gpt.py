@@ -1662,8 +1662,8 @@ def rank_share(begin: int, end: int, runtime: Runtime) -> tuple[int, int]:
 
 
 # N-gram tilt (FRONTIER §1). The hint of target i (= val_tokens[i+1]) is the token that most often
-# followed the same NGRAM_TILT_ORDER-1 tokens val_tokens[i-order+2 : i+1] earlier in the stream (ties:
-# the token that reached the top count first), read BEFORE the update with target i, so it depends on
+# followed the same NGRAM_TILT_ORDER-1 tokens val_tokens[i-order+2 : i+1] earlier in the stream (across
+# documents; ties: the token that reached the top count first), read BEFORE the update with target i, so it depends on
 # val_tokens[:i+1] only; it fires where top_count/total >= NGRAM_TILT_THRESHOLD. There the scored
 # distribution becomes p'(a) = p(a)*e^(b*[a=h]) / Z, Z = 1 + p(h)*(e^b - 1), normalised in closed form:
 # nll' = nll - b*[y=h] + log1p(p(h)*expm1(b)). Training and TTT updates use the untilted loss.

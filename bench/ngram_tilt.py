@@ -82,12 +82,12 @@ def main() -> None:
     t0 = time.perf_counter()
     tokens = synthetic_stream(num_tokens, h.vocab_size)
     print(f"synthetic stream built in {time.perf_counter() - t0:.1f}s")
+    measure("synthetic", tokens, h, device, repeats)
     if device.type == "cuda":  # the tests run on CPU: check the GPU pass against the CPU one on a prefix
         prefix = tokens[:2_000_001]
         same = all(torch.equal(a, b.cpu()) for a, b in zip(tg.ngram_hints(prefix, h.ngram_tilt_order, h.ngram_tilt_threshold),
                                                            tg.ngram_hints(prefix.to(device), h.ngram_tilt_order, h.ngram_tilt_threshold)))
         print(f"gpu hints == cpu hints on the first {prefix.numel() - 1:,} targets: {same}")
-    measure("synthetic", tokens, h, device, repeats)
     del tokens
     if os.path.isdir(h.dataset_dir):
         measure("validation", tg.load_validation_tokens(h.dataset_dir, h.vocab_size), h, device, repeats)
