@@ -241,6 +241,10 @@ class Hyperparameters:
             self.ttt_epochs = env_int("TTT_EPOCHS", 3, "TTT passes over each scored chunk", min_value=0)
             self.ttt_chunk_tokens = env_int("TTT_CHUNK_TOKENS", 32768, "TTT chunk length in tokens", min_value=1)
             self.ttt_grad_clip = env_float("TTT_GRAD_CLIP", 1.0, "TTT gradient-norm clip; 0 = off", min_value=0)
+            self.ngram_tilt_enabled = env_bool("NGRAM_TILT_ENABLED", False, "tilt each scored distribution toward the token that most often followed the same context earlier in the stream")
+            self.ngram_tilt_order = env_int("NGRAM_TILT_ORDER", 16, "n-gram tilt: n; the context is the previous n-1 tokens", min_value=2)
+            self.ngram_tilt_threshold = env_float("NGRAM_TILT_THRESHOLD", 0.8, "n-gram tilt fires where top_count/total of the context >= this", min_value=0, max_value=1)
+            self.ngram_tilt_boost = env_float("NGRAM_TILT_BOOST", 2.625, "n-gram tilt: log-boost of the hint token, p'(h) ~ p(h)*e^boost", min_value=0)
             self.val_max_tokens = env_int("VAL_MAX_TOKENS", 0, "score only the first N validation tokens (smoke runs; the score is then not comparable); 0 = all", min_value=0)
             self.eval_only = env_str("EVAL_ONLY", "", "path of a saved .ptz artifact to re-score without training (its model and quantization knobs come from it)")
             self.requantize_from = env_str("REQUANTIZE_FROM", "", "path of a saved final_model.<RUN_ID>.pt: quantize it with this run's quantization knobs and score it, without training")
@@ -907,14 +911,18 @@ class SoftcapHead(nn.Module):
         super().__init__()
         self.softcap = softcap
 
-    def forward(self, hidden: Tensor, embedding: Tensor, target_ids: Tensor | None, reduction: str) -> Tensor:
+    def forward(self, hidden: Tensor, embedding: Tensor, target_ids: Tensor | None, reduction: str,
+                hint_ids: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         z = F.linear(hidden, embedding.to(hidden.dtype))
         cap = torch.tensor(self.softcap, device=z.device)
         if target_ids is None:
             return softcap(z, cap, cap)
-        nll, _ = softcap_cross_entropy(z.flatten(0, 1), target_ids.flatten(), cap, cap)
+        if hint_ids is not None and reduction != "none":
+            raise ValueError(f"hint_ids need reduction='none' (got {reduction!r}): the hint nll is per token")
+        nll, hint_nll = softcap_cross_entropy(z.flatten(0, 1), target_ids.flatten(), cap, cap,
+                                              None if hint_ids is None else hint_ids.flatten())
         if reduction == "none":
-            return nll.view_as(target_ids)
+            return nll.view_as(target_ids) if hint_ids is None else (nll.view_as(target_ids), hint_nll.view_as(hint_ids))
         return nll.sum() if reduction == "sum" else nll.mean()
 
 
@@ -990,9 +998,11 @@ class GPT(nn.Module):
             x = 0.5 * (x + lane1)
         return self.final_norm(x)
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean") -> Tensor:
-        """Logits [B,T,V] without targets; else the fp32 cross-entropy ('mean', 'sum' or per-token 'none')."""
-        return self.head(self.hidden(input_ids), self.tok_emb.weight, target_ids, reduction)
+    def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean",
+                hint_ids: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits [B,T,V] without targets; else the fp32 cross-entropy ('mean', 'sum' or per-token 'none');
+        with hint_ids (and 'none') the pair (nll, -log p(hint)) from the same logits (n-gram tilt)."""
+        return self.head(self.hidden(input_ids), self.tok_emb.weight, target_ids, reduction, hint_ids)
 
     def parameter_roles(self) -> dict[str, Role]:
         """{state_dict name: Role} of every parameter, as declared where each was created."""
@@ -1777,6 +1787,8 @@ class EvalResult:
     tokens: int          # scored targets
     bytes: int           # their UTF-8 bytes
     seconds: float
+    untilted: EvalResult | None = None  # with the n-gram tilt on: the same scores untilted (the A/B)
+    gated: int = 0                      # scored targets where the n-gram tilt fired
 
 
 # A scoring plan is an int64 tensor of windows, one row (start, score_from, score_to) each, in
@@ -1842,24 +1854,136 @@ def rank_share(begin: int, end: int, runtime: Runtime) -> tuple[int, int]:
     return begin + n * runtime.rank // runtime.world_size, begin + n * (runtime.rank + 1) // runtime.world_size
 
 
+# N-gram tilt (FRONTIER §1). The hint of target i (= val_tokens[i+1]) is the token that most often
+# followed the same NGRAM_TILT_ORDER-1 tokens val_tokens[i-order+2 : i+1] earlier in the stream (across
+# documents; ties: the token that reached the top count first), read BEFORE the update with target i, so it depends on
+# val_tokens[:i+1] only; it fires where top_count/total >= NGRAM_TILT_THRESHOLD. There the scored
+# distribution becomes p'(a) = p(a)*e^(b*[a=h]) / Z, Z = 1 + p(h)*(e^b - 1), normalised in closed form:
+# nll' = nll - b*[y=h] + log1p(p(h)*expm1(b)). Training and TTT updates use the untilted loss.
+def run_begins(sorted_keys: Tensor) -> Tensor:
+    """bool per slot of a sorted 1-D tensor: a run of equal keys begins here."""
+    new = torch.ones_like(sorted_keys, dtype=torch.bool)
+    new[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return new
+
+
+def run_start_slots(new: Tensor) -> Tensor:
+    """int32 per slot: the slot where its run begins (new = run_begins(...))."""
+    return torch.arange(new.numel(), device=new.device, dtype=torch.int32)[new][torch.cumsum(new, 0) - 1]
+
+
+def window_ids(tokens: Tensor, length: int) -> Tensor:
+    """int64 ids with ids[p] == ids[q] exactly when tokens[p:p+length] == tokens[q:q+length], by prefix
+    doubling: the window of span+step tokens at p is the pair (span-window at p, span-window at
+    p+step), packed as id[p]*base + id[p+step]; ids are re-ranked densely (a sort) only where the
+    packing would overflow. No hashing, so two different contexts can never collide."""
+    ids, span = tokens, 1
+    while span < length:
+        step, base = min(span, length - span), int(ids.max()) + 1
+        if base > 2**31:
+            sorted_ids, order = torch.sort(ids)
+            del ids
+            ranks = torch.empty_like(order, dtype=torch.int32)
+            ranks[order] = torch.cumsum(run_begins(sorted_ids), 0, dtype=torch.int32)
+            del sorted_ids, order
+            ids, base = ranks, int(ranks.max()) + 1
+        ids = ids[:-step].long() * base + ids[step:]
+        span += step
+    return ids
+
+
+@torch.no_grad()
+def ngram_hints(tokens: Tensor, order: int, threshold: float) -> tuple[Tensor, Tensor]:
+    """(hints int32, gates bool) per target of the stream `tokens`; targets whose context is incomplete
+    or new get hint 0 and no gate. The state machine, vectorised: a stable sort by context puts each
+    context's occurrences together in stream order (contexts seen once are dropped: they never give
+    or get a hint); a second stable sort by (context, follower) gives the running pair counts; the
+    running top is a cummax inside each run, and read-before-update is a shift by one slot."""
+    num_targets, k = tokens.numel() - 1, order - 1
+    if num_targets < k:
+        hints = torch.zeros(max(num_targets, 0), dtype=torch.int32, device=tokens.device)
+        return hints, hints.bool()
+    sorted_ids, by_context = torch.sort(window_ids(tokens[:num_targets], k), stable=True)  # window p = context of target p+k-1
+    new = run_begins(sorted_ids)
+    del sorted_ids
+    repeated = ~(new & torch.cat((new[1:], new.new_ones(1))))  # not a run of one
+    by_context, new = by_context[repeated], new[repeated]
+    follower = tokens[by_context + k]
+    sorted_pairs, by_pair = torch.sort(torch.cumsum(new, 0) * (int(tokens.max()) + 1) + follower, stable=True)
+    count = torch.empty_like(by_pair, dtype=torch.int32)  # the pair's count after the update with this slot
+    idx = torch.arange(count.numel(), device=count.device, dtype=torch.int32)
+    count[by_pair] = idx - run_start_slots(run_begins(sorted_pairs)) + 1
+    start = run_start_slots(new)
+    total = idx - start + 1
+    top = torch.cummax(start + count, 0).values - start  # start+count stays below the next run's start
+    # The top token is the follower of the run's latest record (a count above every earlier one):
+    # the record update `pair_count > top_count`, so ties keep the earlier token.
+    leader = torch.cummax(torch.where(count > torch.where(new, 0, top.roll(1)), idx, 0), 0).values
+    gate = ~new & (top.roll(1).double() / total.roll(1).double() >= threshold)  # the state after slot q-1
+    hints = torch.zeros(num_targets, dtype=torch.int32, device=tokens.device)
+    gates = torch.zeros(num_targets, dtype=torch.bool, device=tokens.device)
+    hints[by_context + k - 1] = torch.where(new, 0, follower[leader].roll(1)).to(torch.int32)
+    gates[by_context + k - 1] = gate
+    return hints, gates
+
+
+@dataclass
+class NgramTilt:
+    """A stream's hints (ngram_hints) and the boost; gather() and apply() serve every scoring path."""
+    hints: Tensor  # int32 [num_targets]
+    gates: Tensor  # bool [num_targets]
+    boost: float
+
+    def gather(self, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """(hint_ids int64, gates) at target indices `positions`; no gate where not `valid`."""
+        positions = torch.where(valid, positions, 0)
+        return self.hints[positions].long(), self.gates[positions] & valid
+
+    def apply(self, nll: Tensor, hint_nll: Tensor, target_ids: Tensor, hint_ids: Tensor, gates: Tensor) -> Tensor:
+        """nll' = nll - b*[y=h] + log1p(p(h)*expm1(b)) where gated, else nll; hint_nll = -log p(h)
+        from the same logits as nll (GPT.forward with hint_ids)."""
+        tilted = nll - self.boost * (target_ids == hint_ids) + torch.log1p(torch.exp(-hint_nll) * math.expm1(self.boost))
+        return torch.where(gates, tilted, nll)
+
+
+def ngram_tilt(tokens: Tensor, h: Hyperparameters) -> NgramTilt | None:
+    """The stream's tilt on tokens' device, or None when NGRAM_TILT_ENABLED=0. Every rank builds all the
+    hints itself: a hint depends on every earlier occurrence of its context, so even one rank's targets
+    need the global sort, which takes well under a second on a GPU; sharing it would cost collectives
+    as large as the result and save nothing."""
+    if not h.ngram_tilt_enabled:
+        return None
+    return NgramTilt(*ngram_hints(tokens, h.ngram_tilt_order, h.ngram_tilt_threshold), h.ngram_tilt_boost)
+
+
 def score_windows(model: nn.Module, tokens: Tensor, target_bytes: Tensor, windows: Tensor, seq_len: int,
-                  batch_windows: int, totals: Tensor) -> None:
-    """Add (nats, bytes, count) of the scored targets of `windows` to `totals` (float64 [3]), in
-    forwards of exactly batch_windows windows; target_bytes[i] is the byte count of target i.
-    Call under no_grad."""
+                  batch_windows: int, totals: Tensor, tilt: NgramTilt | None = None) -> None:
+    """Add (nats, bytes, count, untilted nats, gated count) of the scored targets of `windows` to
+    `totals` (float64 [5]), in forwards of exactly batch_windows windows; target_bytes[i] is the byte
+    count of target i; with a tilt the nats are tilted. Call under no_grad."""
     for i in range(0, windows.size(0), batch_windows):
         batch = pad_windows(windows[i : i + batch_windows], batch_windows)
         inputs, targets, scored = window_batch(tokens, batch, seq_len)
-        nll = model(inputs, targets, reduction="none")
         positions = (batch[:, :1] + torch.arange(seq_len, device=tokens.device)).clamp(max=target_bytes.numel() - 1)
+        if tilt is None:
+            nll = untilted = model(inputs, targets, reduction="none")
+            gates = torch.zeros_like(scored)
+        else:
+            hint_ids, gates = tilt.gather(positions, scored)
+            untilted, hint_nll = model(inputs, targets, reduction="none", hint_ids=hint_ids)
+            nll = tilt.apply(untilted, hint_nll, targets, hint_ids, gates)
         totals += torch.stack((torch.where(scored, nll.double(), 0.0).sum(),
                                torch.where(scored, target_bytes[positions], 0).sum().double(),
-                               scored.sum().double()))
+                               scored.sum().double(), torch.where(scored, untilted.double(), 0.0).sum(),
+                               gates.sum().double()))
 
 
-def eval_result(stage: str, totals: Tensor, seconds: float) -> EvalResult:
-    nats, num_bytes, count = totals.tolist()
-    return EvalResult(stage, nats / count, nats / (math.log(2) * num_bytes), int(count), int(num_bytes), seconds)
+def eval_result(stage: str, totals: Tensor, seconds: float, tilted: bool = False) -> EvalResult:
+    nats, num_bytes, count, untilted_nats, gated = totals.tolist()
+    result, untilted = (EvalResult(name, n / count, n / (math.log(2) * num_bytes), int(count), int(num_bytes), seconds)
+                        for name, n in ((stage, nats), (f"{stage}_untilted", untilted_nats)))
+    result.untilted, result.gated = (untilted, int(gated)) if tilted else (None, 0)
+    return result
 
 
 def eval_windows(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
@@ -1868,15 +1992,16 @@ def eval_windows(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: 
     synchronize(runtime)
     t0 = time.perf_counter()
     tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
+    tilt = ngram_tilt(tokens, h)
     begin, end = rank_share(0, windows.size(0), runtime)
     # Static shapes, but no padding beyond the largest rank's share (tiny validation sets on CPU).
     batch_windows = max(1, min(h.val_batch_tokens // h.eval_seq_len, math.ceil(windows.size(0) / runtime.world_size)))
-    totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)
+    totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
     with looping_enabled(model), torch.no_grad():
-        score_windows(model, tokens, target_bytes, windows[begin:end].to(runtime.device), h.eval_seq_len, batch_windows, totals)
+        score_windows(model, tokens, target_bytes, windows[begin:end].to(runtime.device), h.eval_seq_len, batch_windows, totals, tilt)
     all_reduce_sum(totals, runtime)
     synchronize(runtime)
-    return eval_result(stage, totals, time.perf_counter() - t0)
+    return eval_result(stage, totals, time.perf_counter() - t0, tilt is not None)
 
 
 def eval_plain(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
@@ -1942,6 +2067,7 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
     synchronize(runtime)
     t0 = time.perf_counter()
     tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
+    tilt = ngram_tilt(tokens, h)
     num_targets, seq_len, chunk_tokens = tokens.numel() - 1, h.eval_seq_len, h.ttt_chunk_tokens
     windows = split_at_chunks(sliding_windows(num_targets, seq_len, h.eval_stride), chunk_tokens, seq_len)
     chunk_begins = list(range(0, num_targets, chunk_tokens))
@@ -1956,14 +2082,14 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-    totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)
+    totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
     log_every = max(1, num_chunks // 20)
     try:
         with looping_enabled(model):
             for c, chunk_begin in enumerate(chunk_begins):
                 begin, end = rank_share(window_bounds[c], window_bounds[c + 1], runtime)
                 with torch.no_grad():
-                    score_windows(model, tokens, target_bytes, windows[begin:end], seq_len, batch_windows, totals)
+                    score_windows(model, tokens, target_bytes, windows[begin:end], seq_len, batch_windows, totals, tilt)
                 if c < num_chunks - 1:
                     lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
                     chunk_end = min(chunk_begin + chunk_tokens, num_targets)
@@ -1976,7 +2102,7 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
         optimizer.zero_grad(set_to_none=True)
     all_reduce_sum(totals, runtime)
     synchronize(runtime)
-    return eval_result(stage, totals, time.perf_counter() - t0)
+    return eval_result(stage, totals, time.perf_counter() - t0, tilt is not None)
 
 
 # ==================================================================================================
@@ -2067,6 +2193,10 @@ def log_eval(log: Logger, result: EvalResult) -> None:
     log(f"{result.stage} val_loss:{result.loss:.6f} val_bpb:{result.bpb:.6f} eval_time:{result.seconds * 1000:.0f}ms")
     log.metrics(event="eval", stage=result.stage, val_loss=result.loss, val_bpb=result.bpb,
                 eval_time_ms=result.seconds * 1000, tokens=result.tokens, bytes=result.bytes)
+    if result.untilted is not None:
+        log_eval(log, result.untilted)
+        log(f"ngram_tilt {result.stage} gated:{result.gated}/{result.tokens} ({result.gated / result.tokens:.2%})")
+        log.metrics(event="ngram_tilt", stage=result.stage, gated=result.gated, scored=result.tokens)
 
 
 def log_timing(log: Logger, name: str, seconds: float) -> None:

@@ -224,11 +224,12 @@ def run_all_evals(runtime: tg.Runtime, state_path: str) -> list:
     return [(r.loss, r.bpb, r.tokens, r.bytes) for r in results] + [model.state_dict()["tok_emb.weight"]]
 
 
-def distributed_worker(rank: int, world_size: int, port: int, state_path: str, out_path: str) -> None:
+def distributed_worker(rank: int, world_size: int, port: int, state_path: str, out_path: str, evals=run_all_evals) -> None:
+    """One gloo rank: evals(runtime, state_path), rank 0 saves what it returns to out_path."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        outcome = run_all_evals(tg.Runtime(rank, world_size, rank, torch.device("cpu")), state_path)
+        outcome = evals(tg.Runtime(rank, world_size, rank, torch.device("cpu")), state_path)
         if rank == 0:
             torch.save(outcome, out_path)
         dist.barrier()  # both ranks done before teardown (gloo can abort a rank torn down mid-exchange)
