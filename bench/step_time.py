@@ -83,7 +83,7 @@ def profile_one_step(model, opt, loader, accum, sync, runtime):
 
 def main():
     h = tg.Hyperparameters()
-    runtime = tg.setup_distributed()
+    runtime = tg.setup_distributed(h.dist_timeout_seconds)
     steps = int(os.environ.get("BENCH_STEPS", "10"))
     warmup = int(os.environ.get("BENCH_WARMUP", "3"))
     backend = tg.select_attention_backend(runtime.device)
