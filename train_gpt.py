@@ -122,7 +122,7 @@ class Hyperparameters:
         self.log_dir = env_str("LOG_DIR", "logs", "folder for <RUN_ID>.txt and <RUN_ID>.jsonl")
 
         # Processes.
-        self.dist_timeout_seconds = env_float("DIST_TIMEOUT_SECONDS", 300.0, "a collective waiting longer fails the job; covers compile skew and rank 0's quantization", min_value=1)
+        self.dist_timeout_seconds = env_float("DIST_TIMEOUT_SECONDS", 300.0, "a rank waiting longer in a collective fails the job; covers compile skew and rank 0's quantization + compression", min_value=1)
 
         # Training length and batch.
         self.iterations = env_int("ITERATIONS", 20000, "upper bound on optimizer steps", min_value=0)
@@ -2162,7 +2162,7 @@ def main() -> None:
         run(h, runtime, log, run_id)
     except Exception as e:
         where = f"rank {runtime.rank}: " if runtime.world_size > 1 else ""
-        line, first = runtime.comm.first_failure(f"{where}{type(e).__name__}: {e}")
+        line, first = runtime.comm.first_failure(f"{where}{type(e).__name__}: " + " ".join(str(e).split()))
         if first and not isinstance(e, (ConfigError, DataError, TrainingDiverged, ArtifactBudgetError)):
             traceback.print_exc()  # a bug, not a known failure: keep its traceback
         print(f"FAILED: {line}", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ for p in (REPO_ROOT, REPO_ROOT / "tests"):
 
 def pytest_configure(config):
     # Slow tests run by default (the suite fits CI's budget); `-m "not slow"` skips them for a quick pass.
-    config.addinivalue_line("markers", "slow: multi-process whole-script runs (tens of seconds each on 2 cores)")
+    config.addinivalue_line("markers", "slow: starts 3+ processes or runs the whole script on several ranks (~10-30 s each on 2 cores)")
 
 
 def _corpus_file(name: str) -> Path:

@@ -127,7 +127,7 @@ def test_comm_without_a_process_group_is_the_identity():
     _check_comm_against_nccl_semantics(comm, rank=0, world=1)
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_multi_process_step_equals_single_process(tmp_path, monkeypatch, world, clip="0.3"):
     """World sizes 2-4 on gloo: the adapter keeps NCCL's semantics, and the sharded step equals the
     single-process step. 5 layers make banks of 5 and 10 matrices: padded at every world size."""

@@ -1,4 +1,5 @@
-"""Training loop: warm-up reset is exact, runs are deterministic, and real text gets learned."""
+"""Training loop and main(): warm-up reset is exact, runs are deterministic, real text gets learned, the whole
+script on 2-4 ranks follows one process, and a failing or hung rank ends the job with one line."""
 import json
 import subprocess
 import sys
@@ -202,7 +203,8 @@ def _summary(events):
             next(e for e in events if e["event"] == "final"))
 
 
-@pytest.mark.parametrize("world, accum", [(2, 2), pytest.param(3, 1, marks=pytest.mark.slow), (4, 1)])
+@pytest.mark.slow
+@pytest.mark.parametrize("world, accum", [(2, 2), (3, 1), (4, 1)])
 def test_torchrun_follows_one_process(pipeline, world, accum):
     """The whole script under torchrun (gloo, world ranks) follows the same loss curve as one process
     with gradient accumulation, and reaches the same final score."""
@@ -256,6 +258,7 @@ def _failure_lines(done):
     return [line for line in done.stderr.splitlines() if "FAILED: " in line]
 
 
+@pytest.mark.slow
 def test_a_raising_rank_ends_every_rank_with_its_error(pipeline, tmp_path):
     """Two ranks started directly (no torchrun to stop them): rank 1 raises in its first step while
     rank 0 waits in the step's collective. Both exit 1 with rank 1's one-line error at once (the
@@ -282,6 +285,7 @@ def test_a_raising_rank_ends_every_rank_with_its_error(pipeline, tmp_path):
     assert [l for l in log_lines if l.startswith("FAILED: ")] == ["FAILED: rank 1: DataError: injected fault"]
 
 
+@pytest.mark.slow
 def test_a_hung_rank_fails_the_job_after_the_timeout(pipeline, tmp_path):
     """Under torchrun, rank 1 hangs in its first step: rank 0's collective fails after
     DIST_TIMEOUT_SECONDS with a one-line error, and torchrun then stops rank 1."""
