@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from tiny import tiny_hparams, write_shards, write_tokenizer
+from tiny import free_port, tiny_hparams, write_shards, write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,7 +268,7 @@ def test_a_raising_rank_ends_every_rank_with_its_error(pipeline, tmp_path):
     root, _ = pipeline
     driver = _fault_driver(tmp_path / "raise.py", 'raise tg.DataError("injected fault")')
     env = {**os.environ, **_pipeline_env(root, "raise"), "DIST_TIMEOUT_SECONDS": "3600",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     ranks = [subprocess.Popen([sys.executable, str(driver)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     try:
@@ -291,17 +291,9 @@ def test_a_hung_rank_fails_the_job_after_the_timeout(pipeline, tmp_path):
     DIST_TIMEOUT_SECONDS with a one-line error, and torchrun then stops rank 1."""
     root, _ = pipeline
     driver = _fault_driver(tmp_path / "hang.py", "time.sleep(3600)")
-    done = _run_script(root, "hang", _torchrun(2), script=driver, timeout=300, DIST_TIMEOUT_SECONDS="10")
+    done = _run_script(root, "hang", _torchrun(2), script=driver, timeout=300, DIST_TIMEOUT_SECONDS="20")
     assert done.returncode != 0
     lines = _failure_lines(done)
     assert len(lines) == 1 and lines[0].startswith("FAILED: rank 0: ") and "timed out" in lines[0].lower(), done.stderr[-3000:]
     final = next(e for e in _jsonl(root / "logs" / "hang.jsonl") if e["event"] == "final")
     assert final["status"] == "failed" and final["error"] == lines[0].removeprefix("FAILED: ")
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -85,3 +85,12 @@ def write_tokenizer(path, vocab_size):
                                        model_type="bpe", add_dummy_prefix=False, byte_fallback=True, minloglevel=2,
                                        pad_id=0, bos_id=1, eos_id=2, unk_id=3)
     return path
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a test's MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
