@@ -1,20 +1,20 @@
 """NCCL smoke test on one GPU: train_gpt.py's distributed code path (a one-rank process group, the real
-NCCL calls through `Comm`) gives the same results as its non-distributed path (no process group).
+NCCL calls through `Comm`) gives the same results as its non-distributed path.
 
     torchrun --standalone --nproc_per_node=1 bench/nccl_smoke.py
 
-Each check runs once through `plain` (no process group: every collective is the identity) and once
-through `nccl` (setup_distributed's process group: reduce-scatter with AVG, all-gather into one tensor,
-all-reduce, broadcast), on the same inputs:
+Each check runs once through `plain` (a Comm that does not use the process group: every collective is
+the identity, as in a plain `python` run) and once through `nccl` (setup_distributed's process group:
+reduce-scatter with AVG, all-gather into one tensor, all-reduce, broadcast), on the same inputs:
   optimizer_step  one Optimizers.step on injected gradients (Muon banks, AdamW's packed all-reduce, grad norm)
   hessians        collect_hessians' all-reduce
   eval_plain      eval_plain's float64 sums
   eval_ttt        score-first TTT (its gradient all-reduce; attention on the deterministic math kernel)
   broadcast       the artifact broadcast (broadcast_object of a 16 MB blob)
-With one rank every collective must return its input, so the results must be bit-identical (TTT: within
-1e-6, as its backward may not be bit-deterministic). Prints one line per check, the optimizer step's time on both
-paths, and `nccl_smoke: PASS` (exit 0) or `nccl_smoke: FAIL` (exit 1). The model is the record config
-(any train_gpt.py env var applies). Without a GPU it runs the same checks on gloo.
+With one rank every collective returns its input, so the results must be bit-identical (TTT within
+1e-6: its backward may not be bit-deterministic). Prints one line per check, the optimizer step's time
+on both paths, and `nccl_smoke: PASS` (exit 0) or `nccl_smoke: FAIL <checks>` (exit 1). The model is
+the record config (any train_gpt.py env var applies). Without a GPU it runs the same checks on gloo.
 """
 import copy
 import os
@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 os.environ.setdefault("TTT_CHUNK_TOKENS", "8192")  # two short chunks: the first is trained on
+os.environ.setdefault("VAL_BATCH_TOKENS", "32768")  # small forwards: TTT runs on the math attention kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
