@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import datetime
 import glob
 import io
 import json
@@ -26,6 +27,7 @@ import queue
 import sys
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +162,8 @@ class Hyperparameters:
             self.seed = env_int("SEED", 1337, "seed for weights and data order")
             self.log_dir = env_str("LOG_DIR", "logs", "folder for <RUN_ID>.txt, <RUN_ID>.jsonl and the artifact")
 
-        with config_section("training"):  # length, batch, schedule
+        with config_section("training"):  # length, batch, schedule, processes
+            self.dist_timeout_seconds = env_float("DIST_TIMEOUT_SECONDS", 300.0, "a rank waiting longer in a collective fails the job; covers compile skew and rank 0's quantization + compression", min_value=1)
             self.iterations = env_int("ITERATIONS", 20000, "upper bound on optimizer steps; with MAX_WALLCLOCK_SECONDS=0 the schedule follows step/ITERATIONS", min_value=1)
             self.max_wallclock_seconds = env_float("MAX_WALLCLOCK_SECONDS", 600.0, "training wallclock budget incl. weight choice and GPTQ calibration; 0 = no limit", min_value=0)
             self.gptq_reserve_seconds = env_float("GPTQ_RESERVE_SECONDS", 4.0, "least part of the budget kept for weight choice + GPTQ calibration (their cost is also measured before training; the larger is kept)", min_value=0)
@@ -294,25 +297,97 @@ class Hyperparameters:
 # ==================================================================================================
 # Distributed setup and logging
 # ==================================================================================================
+class Done:
+    """The handle of a collective that had nothing to wait for (no process group)."""
+
+    def wait(self) -> bool:
+        return True
+
+
+# torch >= 2.13 names the one-tensor collectives *_single; older versions only have the *_tensor names.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class Comm:
+    """Every collective of the script, each one torch.distributed call with NCCL's semantics. gloo runs
+    the very same calls on CPU (torch >= 2.8 has reduce-scatter with AVG and all-gather into one tensor),
+    so the multi-process CPU tests run the slicing, padding and averaging the GPUs run. Without a process
+    group (plain `python`) each call is the identity; with one, even of a single rank, the real calls run.
+    async_op=True returns a handle to wait() on."""
+
+    def __init__(self, active: bool = False, store=None) -> None:
+        self.active, self.store = active, store
+
+    def all_reduce_sum(self, t: Tensor, async_op: bool = False):
+        """t = sum over ranks of t, in place; returns t."""
+        work = dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=async_op) if self.active else None
+        return (work or Done()) if async_op else t
+
+    def reduce_scatter_mean(self, out: Tensor, full: Tensor, async_op: bool = False):
+        """out = (mean over ranks of full)[rank*n : (rank+1)*n] with n = out.size(0); full is [world*n, ...]."""
+        if not self.active:
+            out.copy_(full)
+            return Done() if async_op else out
+        work = _reduce_scatter(out, full, op=dist.ReduceOp.AVG, async_op=async_op)
+        return work if async_op else out
+
+    def all_gather_into(self, full: Tensor, local: Tensor, async_op: bool = False):
+        """full[r*n : (r+1)*n] = rank r's local, n = local.size(0)."""
+        if not self.active:
+            full.copy_(local)
+            return Done() if async_op else full
+        work = _all_gather(full, local.contiguous(), async_op=async_op)
+        return work if async_op else full
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank src's (picklable) obj, on every rank."""
+        if not self.active:
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=src)
+        return holder[0]
+
+    def first_failure(self, line: str) -> tuple[str, bool]:
+        """(the job's first failure line, whether it is this rank's): each failing rank offers its line to
+        the rendezvous store; the first one stays, so a rank whose collective broke because a peer died
+        reports the peer's error. Without a store (or with its host gone) a rank reports its own."""
+        if self.store is None:
+            return line, True
+        try:
+            first = self.store.compare_set("train_gpt_first_failure", "", line).decode()
+        except (RuntimeError, OSError):  # DistError and store connection errors
+            return line, True
+        return first, first == line
+
+
 @dataclass
 class Runtime:
-    """Where this process runs: rank, world size and device, set once by `setup_distributed`."""
+    """Where this process runs: rank, world size, device and its collectives, set once by `setup_distributed`.
+    Built while a process group exists, it communicates through that group by default."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    comm: Comm | None = None
+
+    def __post_init__(self) -> None:
+        if self.comm is None:
+            self.comm = Comm(dist.is_initialized())
+        if self.comm.active and (dist.get_rank(), dist.get_world_size()) != (self.rank, self.world_size):
+            raise ValueError(f"Runtime(rank={self.rank}, world_size={self.world_size}) disagrees with the process "
+                             f"group's rank {dist.get_rank()} of {dist.get_world_size()}")
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
-
-def setup_distributed() -> Runtime:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` is one process. NCCL on CUDA, gloo on CPU."""
+def setup_distributed(timeout_seconds: float) -> Runtime:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK and gets a process group, even with one rank (so a one-GPU
+    torchrun run takes the 8-GPU code path); plain `python` is one process without one. NCCL on CUDA,
+    gloo on CPU. A collective that waits longer than timeout_seconds fails the job (NCCL's watchdog
+    ends the process), so a rank stuck or gone does not hold the others for NCCL's default 10 minutes."""
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -321,19 +396,22 @@ def setup_distributed() -> Runtime:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
-    return Runtime(rank, world_size, local_rank, device)
+    if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return Runtime(rank, world_size, local_rank, device)
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size,
+                            timeout=timeout, device_id=device if device.type == "cuda" else None)
+    return Runtime(rank, world_size, local_rank, device, Comm(active=True, store=store))
 
 
 class Logger:
     """One log(): console and logs/<run_id>.txt on rank 0, plus a JSON-lines copy of the metrics."""
 
     def __init__(self, runtime: Runtime, log_dir: str | None, run_id: str) -> None:
-        self.enabled = runtime.is_main
+        self.enabled = runtime.is_main  # main() enables the rank that failed first, to log the failure
         self.text_path = self.jsonl_path = None
-        if self.enabled and log_dir:
+        if log_dir:
             os.makedirs(log_dir, exist_ok=True)
             self.text_path = os.path.join(log_dir, f"{run_id}.txt")
             self.jsonl_path = os.path.join(log_dir, f"{run_id}.jsonl")
@@ -355,12 +433,6 @@ class Logger:
 
 def log_nothing(msg: str = "", console: bool = True) -> None:
     """A logger for library use (tests, benchmarks) that prints nothing."""
-
-
-def all_reduce_sum(t: Tensor, runtime: Runtime) -> Tensor:
-    if runtime.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 # ==================================================================================================
@@ -1101,55 +1173,24 @@ class Optimizers:
              dict(params=scalars, lr=h.scalar_lr, base_lr=h.scalar_lr, weight_decay=h.scalar_wd)],
             betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, foreach=True)
 
-    # -- communication helpers (NCCL has reduce-scatter/all-gather into tensors; gloo falls back) --
-
-    def _reduce_scatter_mean(self, full: Tensor, bank: MuonBank):
-        """Average `full` over ranks; return (work, local slice). gloo has no reduce-scatter: all-reduce."""
-        world = self.runtime.world_size
-        if world == 1:
-            return None, full
-        if full.is_cuda:
-            local = torch.empty_like(full[: bank.n_local])
-            work = dist.reduce_scatter_tensor(local, full, op=dist.ReduceOp.AVG, async_op=True)
-            return work, local
-        work = dist.all_reduce(full, op=dist.ReduceOp.SUM, async_op=True)
-        return work, full  # sliced (and divided) once the work is done
-
-    def _all_gather(self, local: Tensor, bank: MuonBank):
-        if self.runtime.world_size == 1:
-            return None, local
-        rows, cols = bank.shape
-        full = torch.empty(bank.n_pad, rows, cols, device=local.device, dtype=local.dtype)
-        if local.is_cuda:
-            return dist.all_gather_into_tensor(full, local.contiguous(), async_op=True), full
-        return dist.all_gather(list(full.chunk(self.runtime.world_size)), local.contiguous(), async_op=True), full
-
     @torch.no_grad()
     def step(self, lr_mult: float, muon_momentum: float) -> Tensor:
         """Apply one update from the accumulated .grad of every parameter; returns the global grad norm
         as a device tensor (reading it would force a host sync every step)."""
-        world = self.runtime.world_size
-        # 1) Launch gradient averaging: banks reduce-scattered, AdamW grads packed into one all-reduce.
-        pending = [self._reduce_scatter_mean(bank.stacked_grads(), bank) for bank in self.banks]
+        comm, world = self.runtime.comm, self.runtime.world_size
+        # 1) Launch gradient averaging: each bank reduce-scattered (this rank receives the mean gradient
+        #    of the n_local matrices it owns), AdamW grads packed into one all-reduce.
+        local_grads = [torch.empty_like(bank.momentum) for bank in self.banks]
+        pending = [comm.reduce_scatter_mean(g, bank.stacked_grads(), async_op=True) for g, bank in zip(local_grads, self.banks)]
         adam_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.adam_params]
         flat = torch.cat([g.flatten() for g in adam_grads])
-        adam_work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True) if world > 1 else None
-        local_grads = []
-        for bank, (work, g) in zip(self.banks, pending):
-            if work is not None:
-                work.wait()
-            if world > 1 and not g.is_cuda:  # gloo all-reduced the whole bank: keep this rank's slice
-                start = self.runtime.rank * bank.n_local
-                g = g[start : start + bank.n_local] / world
-            local_grads.append(g)
-        if adam_work is not None:
-            adam_work.wait()
-            flat /= world
-        # 2) Global gradient norm over all parameters (each rank holds distinct bank slices).
+        pending.append(comm.all_reduce_sum(flat, async_op=True))
+        for work in pending:
+            work.wait()
+        flat /= world
+        # 2) Global gradient norm over all parameters (each rank holds distinct bank slices; padding is zero).
         bank_sq = torch.stack([g.square().sum() for g in local_grads]).sum() if local_grads else flat.new_zeros(())
-        if world > 1:
-            dist.all_reduce(bank_sq, op=dist.ReduceOp.SUM)
-        grad_norm = torch.sqrt(bank_sq + flat.square().sum())
+        grad_norm = torch.sqrt(comm.all_reduce_sum(bank_sq) + flat.square().sum())
         clip = self.h.grad_clip_norm
         coef = torch.clamp(clip / (grad_norm + 1e-6), max=1.0) if clip > 0 else torch.ones_like(grad_norm)
         # 3) AdamW on the averaged, clipped gradients.
@@ -1163,10 +1204,11 @@ class Optimizers:
         in_flight = None
         for bank, g in zip(self.banks, local_grads):
             update = self._muon_update(bank, g * coef, muon_momentum)
-            gathered = self._all_gather(update, bank)
+            updates = update.new_empty(bank.n_pad, *bank.shape)
+            gathered = (bank, updates, comm.all_gather_into(updates, update, async_op=True))
             if in_flight is not None:
                 self._apply(*in_flight, lr)
-            in_flight = (bank, gathered)
+            in_flight = gathered
         if in_flight is not None:
             self._apply(*in_flight, lr)
         return grad_norm
@@ -1180,10 +1222,8 @@ class Optimizers:
         rows, cols = bank.shape
         return u * math.sqrt(max(1.0, rows / cols))
 
-    def _apply(self, bank: MuonBank, gathered, lr: float) -> None:
-        work, updates = gathered
-        if work is not None:
-            work.wait()
+    def _apply(self, bank: MuonBank, updates: Tensor, work, lr: float) -> None:
+        work.wait()
         decay = 1.0 - lr * self.h.muon_wd
         params = bank.params
         torch._foreach_mul_(params, decay)
@@ -1333,12 +1373,11 @@ def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, T
     finally:
         for hook in hooks:
             hook.remove()
-    if runtime.distributed:
-        # One collective for all matrices: flatten, sum, split back.
-        names = sorted(hessians)
-        flat = all_reduce_sum(torch.cat([hessians[n].flatten() for n in names]), runtime)
-        for name, part in zip(names, flat.split([hessians[n].numel() for n in names])):
-            hessians[name] = part.view_as(hessians[name])
+    # One collective for all matrices: flatten, sum, split back.
+    names = sorted(hessians)
+    flat = runtime.comm.all_reduce_sum(torch.cat([hessians[n].flatten() for n in names]))
+    for name, part in zip(names, flat.split([hessians[n].numel() for n in names])):
+        hessians[name] = part.view_as(hessians[name])
     return hessians
 
 
@@ -1999,7 +2038,7 @@ def eval_windows(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: 
     totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
     with looping_enabled(model), torch.no_grad():
         score_windows(model, tokens, target_bytes, windows[begin:end].to(runtime.device), h.eval_seq_len, batch_windows, totals, tilt)
-    all_reduce_sum(totals, runtime)
+    runtime.comm.all_reduce_sum(totals)
     synchronize(runtime)
     return eval_result(stage, totals, time.perf_counter() - t0, tilt is not None)
 
@@ -2020,10 +2059,10 @@ def eval_sliding(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: 
 
 def all_reduce_grads(params: list[nn.Parameter], runtime: Runtime) -> None:
     """Sum gradients over ranks in one flat buffer (one collective instead of one per tensor)."""
-    if not runtime.distributed:
+    if not runtime.comm.active:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), runtime)
+    flat = runtime.comm.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         p.grad = g.view_as(p)
 
@@ -2095,12 +2134,12 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
                     chunk_end = min(chunk_begin + chunk_tokens, num_targets)
                     train_on_chunk(model, params, optimizer, tokens, chunk_begin, chunk_end, lr, h, runtime)
                 if (c + 1) % log_every == 0 or c == num_chunks - 1:
-                    running = eval_result(stage, all_reduce_sum(totals.clone(), runtime), 0.0)
+                    running = eval_result(stage, runtime.comm.all_reduce_sum(totals.clone()), 0.0)
                     log(f"{stage} chunk:{c + 1}/{num_chunks} running_bpb:{running.bpb:.6f} "
                         f"elapsed:{time.perf_counter() - t0:.1f}s")
     finally:
         optimizer.zero_grad(set_to_none=True)
-    all_reduce_sum(totals, runtime)
+    runtime.comm.all_reduce_sum(totals)
     synchronize(runtime)
     return eval_result(stage, totals, time.perf_counter() - t0, tilt is not None)
 
@@ -2249,7 +2288,7 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
         # the mean loss, and whether any rank diverged.
         stats = torch.tensor([training_seconds + time.perf_counter() - t_resume, float(loss),
                               float(not torch.isfinite(loss))], device=runtime.device, dtype=torch.float64)
-        stats = all_reduce_sum(stats, runtime) / runtime.world_size
+        stats = runtime.comm.all_reduce_sum(stats) / runtime.world_size
         step_seconds, elapsed = float(stats[0]) - elapsed, float(stats[0])
         mean_loss, diverged = float(stats[1]), float(stats[2]) > 0
         if diverged:
@@ -2282,7 +2321,7 @@ def held_out_train_loss(model: GPT, batches: list[tuple[Tensor, Tensor]], runtim
     """Mean loss on training batches the model has not trained on, averaged over ranks (eager)."""
     with looping_enabled(model), torch.compiler.set_stance("force_eager"):
         losses = torch.stack([model(x, y) for x, y in batches]).mean()
-    return float(all_reduce_sum(losses.double(), runtime)) / runtime.world_size
+    return float(runtime.comm.all_reduce_sum(losses.double())) / runtime.world_size
 
 
 def choose_averaged_weights(model: GPT, averager: WeightAverager, loader: TrainLoader, h: Hyperparameters,
@@ -2468,16 +2507,13 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     config = h.artifact_config()
     reserved = len(shipped_code) + len(pack_artifact(config, b""))
     # Quantization is deterministic: rank 0 does it (compression uses every CPU core) and shares the blob.
-    packed = [quantize_and_pack(model, hessians, h, reserved, log) if runtime.is_main else None]
-    if runtime.distributed:
-        dist.broadcast_object_list(packed, src=0)
-    blob, report = packed[0]
+    blob, report = runtime.comm.broadcast_object(quantize_and_pack(model, hessians, h, reserved, log) if runtime.is_main else None)
     artifact = pack_artifact(config, blob)
     artifact_path = artifact_dir / f"final_model.{run_id}.ptz"
     if runtime.is_main:
         shipped_code_path.write_bytes(shipped_code)
         artifact_path.write_bytes(artifact)
-    if runtime.distributed:
+    if runtime.comm.active:
         dist.barrier()  # every rank reads the artifact file back for evaluation
     total_bytes = len(artifact) + len(shipped_code)
     log(f"model bytes: {len(artifact)}  code bytes: {len(shipped_code)}")
@@ -2555,22 +2591,27 @@ def main() -> None:
     except (ConfigError, ArtifactError) as e:
         print(f"{'config' if isinstance(e, ConfigError) else 'artifact'} error: {e}", file=sys.stderr)
         sys.exit(2)
-    runtime = setup_distributed()
-    run_id = h.run_id or time.strftime("%Y%m%d_%H%M%S") + "_" + uuid.uuid4().hex[:6]
-    if runtime.distributed:  # every rank must agree on the run id (file names)
-        holder = [run_id]
-        dist.broadcast_object_list(holder, src=0)
-        run_id = holder[0]
+    runtime = setup_distributed(h.dist_timeout_seconds)
+    # Every rank must agree on the run id (file names).
+    run_id = runtime.comm.broadcast_object(h.run_id or time.strftime("%Y%m%d_%H%M%S") + "_" + uuid.uuid4().hex[:6])
     log = Logger(runtime, h.log_dir, run_id)
     try:
         run(h, runtime, log, run_id)
-    except (ConfigError, DataError, TrainingDiverged, ArtifactBudgetError, ArtifactError) as e:
-        log(f"FAILED: {e}")
-        log.metrics(event="final", status="failed", error=str(e), world_size=runtime.world_size)
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except Exception as e:
+        where = f"rank {runtime.rank}: " if runtime.world_size > 1 else ""
+        line, first = runtime.comm.first_failure(f"{where}{type(e).__name__}: " + " ".join(str(e).split()))
+        if first and not isinstance(e, (ConfigError, DataError, TrainingDiverged, ArtifactBudgetError, ArtifactError)):
+            traceback.print_exc()  # a bug, not a known failure: keep its traceback
+        print(f"FAILED: {line}", file=sys.stderr, flush=True)
+        log.enabled = first  # the rank that failed first (any rank) writes the failure into the run's log
+        log(f"FAILED: {line}", console=False)
+        log.metrics(event="final", status="failed", error=line, world_size=runtime.world_size)
+        sys.stdout.flush()
+        # Leave without tearing the process group down: a peer stuck in a collective would hang the teardown.
+        # torchrun then stops the other ranks; a rank left waiting without it fails after DIST_TIMEOUT_SECONDS.
+        os._exit(1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

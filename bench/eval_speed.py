@@ -42,7 +42,7 @@ def real_validation(h, num_tokens):
 
 def main():
     h = tg.Hyperparameters()
-    runtime = tg.setup_distributed()
+    runtime = tg.setup_distributed(h.dist_timeout_seconds)
     num_tokens = int(os.environ.get("BENCH_VAL_TOKENS", "2000001"))
     stages = os.environ.get("BENCH_STAGES", "plain,sliding,ttt").split(",")
     backend = tg.select_attention_backend(runtime.device)
@@ -78,7 +78,7 @@ def main():
         log(f"{name:<8} {result.bpb:>8.4f} {result.seconds:>8.1f} {tokens_per_s:>12,.0f} {projected:>25.1f}s")
     if runtime.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated(runtime.device) / 2**20:.0f} MiB")
-    if runtime.distributed:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 

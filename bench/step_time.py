@@ -83,7 +83,7 @@ def profile_one_step(model, opt, loader, accum, sync, runtime):
 
 def main():
     h = tg.Hyperparameters()
-    runtime = tg.setup_distributed()
+    runtime = tg.setup_distributed(h.dist_timeout_seconds)
     steps = int(os.environ.get("BENCH_STEPS", "10"))
     warmup = int(os.environ.get("BENCH_WARMUP", "3"))
     backend = tg.select_attention_backend(runtime.device)
@@ -125,6 +125,8 @@ def main():
             print(f"{key:<10}{results[key + '_ms_per_step']:>10.1f}{results[key + '_tok_s']:>12.0f}{results[key + '_mfu']:>8.1%}")
         print(f"compile+warmup {results['compile_warmup_s']:.1f}s  matmul peak {peak:.0f} TFLOP/s  "
               f"peak mem {results.get('peak_memory_gib', float('nan')):.1f} GiB")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ for p in (REPO_ROOT, REPO_ROOT / "tests"):
         sys.path.insert(0, str(p))
 
 
+def pytest_configure(config):
+    # Slow tests run by default (the suite fits CI's budget); `-m "not slow"` skips them for a quick pass.
+    config.addinivalue_line("markers", "slow: starts 3+ processes or runs the whole script on several ranks (~10-30 s each on 2 cores)")
+
+
 def _corpus_file(name: str) -> Path:
     path = CORPUS_DIR / name
     if not path.is_file():

@@ -1,5 +1,5 @@
-"""Optimizers, schedule and averaging: Muon against a plain reference, 2-process == 1-process,
-LR/momentum/EMA values, and EMA robustness on short runs."""
+"""Optimizers, schedule and averaging: Muon against a plain reference, the collectives against NCCL's
+semantics, 2/3/4 processes == 1 process, LR/momentum/EMA values, and EMA robustness on short runs."""
 import math
 import os
 import socket
@@ -76,35 +76,71 @@ def _train_steps(model, h, runtime, batches):
     norms = []
     for b in batches:
         model(b[:, :-1], b[:, 1:]).backward()
-        norms.append(opt.step(lr_mult=1.0, muon_momentum=0.95))
+        norms.append(float(opt.step(lr_mult=1.0, muon_momentum=0.95)))
         opt.zero_grad()
     return norms
+
+
+def _check_comm_against_nccl_semantics(comm, rank, world, n=2):
+    """NCCL's semantics written out: reduce-scatter with AVG gives rank r rows [r*n, (r+1)*n) of the
+    mean over ranks; all-gather into one tensor stacks the ranks' rows in rank order."""
+    def inputs(r):
+        return torch.randn(world * n, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
+
+    mean = sum(inputs(r) for r in range(world)) / world
+    for async_op in (False, True):
+        out = torch.empty(n, 3, 5, dtype=torch.float64)
+        work = comm.reduce_scatter_mean(out, inputs(rank), async_op=async_op)
+        if async_op:
+            work.wait()
+        assert torch.allclose(out, mean[rank * n : (rank + 1) * n], rtol=1e-12, atol=1e-12), (world, rank)
+        full = torch.full((world * n, 3, 5), float("nan"), dtype=torch.float64)
+        work = comm.all_gather_into(full, inputs(rank)[:n] + rank, async_op=async_op)
+        if async_op:
+            work.wait()
+        assert torch.equal(full, torch.cat([inputs(r)[:n] + r for r in range(world)])), (world, rank)
+    summed = comm.all_reduce_sum(torch.tensor([1.0 + rank]))
+    assert summed.item() == world * (world + 1) / 2
+    assert comm.broadcast_object(("from", rank)) == ("from", 0)
 
 
 def _worker(rank, world, port, env, out_path, threads):
     torch.set_num_threads(threads)  # same reduction splits as the single-process reference
     os.environ.update(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    runtime = tg.Runtime(rank=rank, world_size=world)
+    _check_comm_against_nccl_semantics(runtime.comm, rank, world)
     h = tg.Hyperparameters()
-    model, batches = _model_and_batches(h, dtype=torch.float64)
+    model, batches = _model_and_batches(h, batch=12, dtype=torch.float64)
     per_rank = batches[0].size(0) // world
     local = [b[rank * per_rank : (rank + 1) * per_rank] for b in batches]
-    norms = _train_steps(model, h, tg.Runtime(rank=rank, world_size=world), local)
+    norms = _train_steps(model, h, runtime, local)
     if rank == 0:
         torch.save({"state": model.state_dict(), "norms": norms}, out_path)
-    dist.barrier()  # both ranks done before teardown (gloo can abort a rank torn down mid-exchange)
+    dist.barrier()  # all ranks done before teardown (gloo can abort a rank torn down mid-exchange)
     dist.destroy_process_group()
 
 
-def test_two_process_step_equals_single_process(tmp_path, monkeypatch, clip="0.3"):
-    env = {**TINY_ENV, "GRAD_CLIP_NORM": clip}
-    h = tiny_hparams(monkeypatch, GRAD_CLIP_NORM=clip)
-    model, batches = _model_and_batches(h, dtype=torch.float64)
+def test_comm_without_a_process_group_is_the_identity():
+    comm = tg.Runtime().comm
+    assert not comm.active
+    _check_comm_against_nccl_semantics(comm, rank=0, world=1)
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
+def test_multi_process_step_equals_single_process(tmp_path, monkeypatch, world, clip="0.3"):
+    """World sizes 2-4 on gloo: the adapter keeps NCCL's semantics, and the sharded step equals the
+    single-process step. 5 layers make banks of 5 and 10 matrices: padded at every world size."""
+    env = {**TINY_ENV, "NUM_LAYERS": "5", "GRAD_CLIP_NORM": clip}
+    h = tiny_hparams(monkeypatch, NUM_LAYERS=5, GRAD_CLIP_NORM=clip)
+    model, batches = _model_and_batches(h, batch=12, dtype=torch.float64)
+    opt = tg.Optimizers(model, h, tg.Runtime())
+    assert any(len(bank.params) % world for bank in opt.banks)  # padding is exercised
     norms = _train_steps(model, h, tg.Runtime(), batches)
     out = tmp_path / "rank0.pt"
-    mp.spawn(_worker, args=(2, _free_port(), env, str(out), torch.get_num_threads()), nprocs=2, join=True)
+    mp.spawn(_worker, args=(world, _free_port(), env, str(out), torch.get_num_threads()), nprocs=world, join=True)
     got = torch.load(out)
-    # In float64: the summation order differs between one and two processes, and AdamW divides
+    # In float64: the summation order differs between one and several processes, and AdamW divides
     # near-zero gradients by their own RMS, which magnifies that rounding (fp32: ~1e-5, fp64: ~1e-8).
     # A real error (a missed average, a wrong slice) moves weights by ~lr = 1e-2.
     for name, value in model.state_dict().items():

@@ -1,4 +1,5 @@
-"""Training loop: warm-up reset is exact, runs are deterministic, and real text gets learned."""
+"""Training loop and main(): warm-up reset is exact, runs are deterministic, real text gets learned, the whole
+script on 2-4 ranks follows one process, and a failing or hung rank ends the job with one line."""
 import json
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from tiny import TINY_ENV, tiny_hparams, write_shards
+from tiny import TINY_ENV, free_port, tiny_hparams, write_shards, write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,15 +199,13 @@ def test_averaged_weights_are_kept_only_when_they_do_better(monkeypatch, tmp_pat
     assert all(torch.equal(model.state_dict()[k], reference[k]) for k in reference)
 
 
-def _pipeline_env(tmp_path, tokenizer, run_id):
-    data = tmp_path / "data"
-    if not (data / "datasets").exists():
-        write_shards(data / "datasets" / "fineweb10B_sp1024", 1024, train_tokens=60_000, val_tokens=3_000)
+def _pipeline_env(root, run_id):
     from tiny import TINY_ENV
 
-    return {**TINY_ENV, "VOCAB_SIZE": "1024", "DATA_DIR": str(data), "TOKENIZER_PATH": str(tokenizer),
-            "RUN_ID": run_id, "LOG_DIR": str(tmp_path / "logs"), "ITERATIONS": "4", "MAX_WALLCLOCK_SECONDS": "0",
-            "WARMUP_STEPS": "1", "TRAIN_BATCH_TOKENS": "512", "MICRO_BATCH_SEQS": "4", "TRAIN_LOG_EVERY": "1",
+    # 12 sequences per step: divisible by 1..4 ranks (micro-batches of 4, 3 or 4, 3).
+    return {**TINY_ENV, "VOCAB_SIZE": "1024", "DATA_DIR": str(root / "data"), "TOKENIZER_PATH": str(root / "tok.model"),
+            "RUN_ID": run_id, "LOG_DIR": str(root / "logs"), "ITERATIONS": "4", "MAX_WALLCLOCK_SECONDS": "0",
+            "WARMUP_STEPS": "1", "TRAIN_BATCH_TOKENS": "384", "MICRO_BATCH_SEQS": "4", "TRAIN_LOG_EVERY": "1",
             "GPTQ_CALIBRATION_BATCHES": "2", "AVERAGE_CHECK_SEQS": "4", "SLIDING_WINDOW_ENABLED": "0",
             "TTT_ENABLED": "0", "OMP_NUM_THREADS": "1"}
 
@@ -215,49 +214,155 @@ def _jsonl(path):
     return [json.loads(line) for line in open(path)]
 
 
-def test_torchrun_two_processes_match_one_process(tmp_path, sp1024_model_path):
-    """The whole script under torchrun (gloo, 2 ranks, no accumulation) follows the same loss curve
-    as one process with gradient accumulation, and reaches the same final score."""
+def _torchrun(world):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+
+
+def _run_script(root, run_id, launcher, script=ROOT / "train_gpt.py", timeout=600, **env):
+    """Run the script (or a driver of it) on the pipeline's data; returns the completed process."""
     import os
 
-    runs = {}
-    for name, launcher in [("one", [sys.executable]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])]:
-        env = {**os.environ, **_pipeline_env(tmp_path, sp1024_model_path, name)}
-        done = subprocess.run(launcher + [str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        runs[name] = _jsonl(tmp_path / "logs" / f"{name}.jsonl")
-    config = {name: next(e for e in events if e["event"] == "config") for name, events in runs.items()}
-    assert (config["one"]["world_size"], config["one"]["grad_accum_steps"]) == (1, 4)
-    assert (config["two"]["world_size"], config["two"]["grad_accum_steps"]) == (2, 2)
-    losses = {name: [e["train_loss"] for e in events if e["event"] == "step"] for name, events in runs.items()}
-    assert len(losses["one"]) == 4
-    assert losses["two"] == pytest.approx(losses["one"], rel=1e-4)
-    final = {name: next(e for e in events if e["event"] == "final") for name, events in runs.items()}
-    assert final["one"]["status"] == final["two"]["status"] == "ok"
-    assert final["two"]["val_bpb"] == pytest.approx(final["one"]["val_bpb"], rel=1e-3)
-    # EVAL_ONLY re-scores the saved artifact without training, to the same number, rebuilding the
-    # model from the artifact alone: no model knob is given.
-    model_knobs = {"VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOOP_START", "LOOP_END",
-                   "NUM_LOOPS", "PARALLEL_START", "XSA_LAST_N", "ROPE_DIMS"}
-    assert model_knobs <= set(TINY_ENV) | {"VOCAB_SIZE"}
-    base = {k: v for k, v in _pipeline_env(tmp_path, sp1024_model_path, "rescore").items() if k not in model_knobs}
-    env = {**{k: v for k, v in os.environ.items() if k not in model_knobs}, **base, "EVAL_ONLY": final["one"]["artifact_path"]}
-    done = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, **_pipeline_env(root, run_id), **env}
+    return subprocess.run(launcher + [str(script)], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A synthetic dataset and tokenizer (no corpus needed), and one process's run on them (gradient
+    accumulation 3): the reference every multi-process run must follow."""
+    root = tmp_path_factory.mktemp("pipeline")
+    write_shards(root / "data" / "datasets" / "fineweb10B_sp1024", 1024, train_tokens=60_000, val_tokens=3_000)
+    write_tokenizer(root / "tok.model", 1024)
+    done = _run_script(root, "one", [sys.executable])
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    rescored = _jsonl(tmp_path / "logs" / "rescore.jsonl")
+    return root, _jsonl(root / "logs" / "one.jsonl")
+
+
+def _summary(events):
+    config = next(e for e in events if e["event"] == "config")
+    return ((config["world_size"], config["grad_accum_steps"]), [e["train_loss"] for e in events if e["event"] == "step"],
+            next(e for e in events if e["event"] == "final"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, accum", [(2, 2), (3, 1), (4, 1)])
+def test_torchrun_follows_one_process(pipeline, world, accum):
+    """The whole script under torchrun (gloo, world ranks) follows the same loss curve as one process
+    with gradient accumulation, and reaches the same final score."""
+    root, one = pipeline
+    done = _run_script(root, f"world{world}", _torchrun(world))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (layout_one, losses_one, final_one), (layout, losses, final) = _summary(one), _summary(_jsonl(root / "logs" / f"world{world}.jsonl"))
+    assert layout_one == (1, 3) and layout == (world, accum)
+    assert len(losses_one) == 4 and losses == pytest.approx(losses_one, rel=1e-4)
+    assert final_one["status"] == final["status"] == "ok"
+    assert final["val_bpb"] == pytest.approx(final_one["val_bpb"], rel=1e-3)
+
+
+MODEL_KNOBS = {"VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOOP_START", "LOOP_END",
+               "NUM_LOOPS", "PARALLEL_START", "XSA_LAST_N", "ROPE_DIMS"}
+
+
+def test_eval_only_rescores_the_saved_artifact(pipeline):
+    """EVAL_ONLY re-scores the saved artifact without training, to the same number, rebuilding the
+    model from the artifact alone: no model knob is given."""
+    import os
+
+    root, one = pipeline
+    final = _summary(one)[2]
+    env = {k: v for k, v in {**os.environ, **_pipeline_env(root, "rescore")}.items() if k not in MODEL_KNOBS}
+    done = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env={**env, "EVAL_ONLY": final["artifact_path"]},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rescored = _jsonl(root / "logs" / "rescore.jsonl")
     assert not any(e["event"] == "step" for e in rescored)
     rescored_final = next(e for e in rescored if e["event"] == "final")
-    assert rescored_final["val_bpb"] == final["one"]["val_bpb"]
+    assert rescored_final["val_bpb"] == final["val_bpb"]
     assert rescored_final["eval_time_s"] > 0 and rescored_final["eval_time_projected"] is True
-    # REQUANTIZE_FROM: the saved averaged weights, quantized with other quantization knobs, no training.
-    env = {**os.environ, **_pipeline_env(tmp_path, sp1024_model_path, "requant"), "REQUANTIZE_FROM": final["one"]["weights_path"],
-           "MATRIX_BITS": "4", "ARTIFACT_TARGET_BYTES": "10000000"}
-    done = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_requantize_from_quantizes_the_saved_weights_without_training(pipeline):
+    """REQUANTIZE_FROM: the run's saved averaged weights, quantized with other quantization knobs."""
+    root, one = pipeline
+    final = _summary(one)[2]
+    done = _run_script(root, "requant", [sys.executable], REQUANTIZE_FROM=final["weights_path"], MATRIX_BITS="4",
+                       ARTIFACT_TARGET_BYTES="10000000")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    requant = _jsonl(tmp_path / "logs" / "requant.jsonl")
+    requant = _jsonl(root / "logs" / "requant.jsonl")
     assert not any(e["event"] == "step" for e in requant)
-    artifact = next(e for e in requant if e["event"] == "artifact")
-    assert artifact["report"]["bits"]["blocks.0.mlp.up.weight"] == 4
+    assert next(e for e in requant if e["event"] == "artifact")["report"]["bits"]["blocks.0.mlp.up.weight"] == 4
     requant_final = next(e for e in requant if e["event"] == "final")
-    assert requant_final["status"] == "ok" and requant_final["val_bpb"] != final["one"]["val_bpb"]
+    assert requant_final["status"] == "ok" and requant_final["val_bpb"] != final["val_bpb"]
+    # A model knob that disagrees with the saved weights is refused before any data is read.
+    done = _run_script(root, "conflict", [sys.executable], REQUANTIZE_FROM=final["weights_path"], MODEL_DIM="32")
+    assert done.returncode == 2 and "MODEL_DIM=32 conflicts with the artifact's MODEL_DIM=64" in done.stderr
+
+
+# A driver that runs the real main() with a fault in rank 1's first optimizer step (test-only: the
+# script itself has no fault hook).
+FAULT_DRIVER = """import sys, time
+sys.path.insert(0, {root!r})
+import train_gpt as tg
+
+real_step = tg.Optimizers.step
+
+
+def step_with_fault(self, *args):
+    if self.runtime.rank == 1:
+        {fault}
+    return real_step(self, *args)
+
+
+tg.Optimizers.step = step_with_fault
+tg.main()
+"""
+
+
+def _fault_driver(path, fault):
+    path.write_text(FAULT_DRIVER.format(root=str(ROOT), fault=fault))
+    return path
+
+
+def _failure_lines(done):
+    return [line for line in done.stderr.splitlines() if "FAILED: " in line]
+
+
+@pytest.mark.slow
+def test_a_raising_rank_ends_every_rank_with_its_error(pipeline, tmp_path):
+    """Two ranks started directly (no torchrun to stop them): rank 1 raises in its first step while
+    rank 0 waits in the step's collective. Both exit 1 with rank 1's one-line error at once (the
+    timeout is an hour), and the run's log records the failure once."""
+    import os
+
+    root, _ = pipeline
+    driver = _fault_driver(tmp_path / "raise.py", 'raise tg.DataError("injected fault")')
+    env = {**os.environ, **_pipeline_env(root, "raise"), "DIST_TIMEOUT_SECONDS": "3600",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, str(driver)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        outcomes = [rank.communicate(timeout=300) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    for rank, (_, stderr) in zip(ranks, outcomes):
+        assert rank.returncode == 1, stderr[-2000:]
+        assert [l for l in stderr.splitlines() if "FAILED: " in l] == ["FAILED: rank 1: DataError: injected fault"], stderr[-2000:]
+    finals = [e for e in _jsonl(root / "logs" / "raise.jsonl") if e["event"] == "final"]
+    assert finals == [dict(event="final", status="failed", error="rank 1: DataError: injected fault", world_size=2)]
+    log_lines = (root / "logs" / "raise.txt").read_text().splitlines()
+    assert [l for l in log_lines if l.startswith("FAILED: ")] == ["FAILED: rank 1: DataError: injected fault"]
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_job_after_the_timeout(pipeline, tmp_path):
+    """Under torchrun, rank 1 hangs in its first step: rank 0's collective fails after
+    DIST_TIMEOUT_SECONDS with a one-line error, and torchrun then stops rank 1."""
+    root, _ = pipeline
+    driver = _fault_driver(tmp_path / "hang.py", "time.sleep(3600)")
+    done = _run_script(root, "hang", _torchrun(2), script=driver, timeout=300, DIST_TIMEOUT_SECONDS="20")
+    assert done.returncode != 0
+    lines = _failure_lines(done)
+    assert len(lines) == 1 and lines[0].startswith("FAILED: rank 0: ") and "timed out" in lines[0].lower(), done.stderr[-3000:]
+    final = next(e for e in _jsonl(root / "logs" / "hang.jsonl") if e["event"] == "final")
+    assert final["status"] == "failed" and final["error"] == lines[0].removeprefix("FAILED: ")

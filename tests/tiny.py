@@ -68,3 +68,29 @@ def write_shards(folder, vocab_size, train_tokens=40_000, val_tokens=4_000, seed
     for split, n in (("train", train_tokens), ("val", val_tokens)):
         write_shard(folder / f"fineweb_{split}_000000.bin", stream(n))
     return folder
+
+
+def write_tokenizer(path, vocab_size):
+    """A sentencepiece BPE model of exactly vocab_size pieces (with the standalone '▁' the byte rule
+    needs), trained in a second on random words: whole-script runs without the dev corpus."""
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(3000)]
+    with open(path, "wb") as model:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+                                       model_type="bpe", add_dummy_prefix=False, byte_fallback=True, minloglevel=2,
+                                       pad_id=0, bos_id=1, eos_id=2, unk_id=3)
+    return path
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a test's MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
