@@ -12,7 +12,10 @@
 #                      instead of downloading FineWeb
 #   VAL_DOCS=N         with DOCS: the first N documents are validation (default 50000; CPU smoke 500)
 #   TOKENIZER_DOCS=K   with DOCS: train the tokenizer on K documents (default: prepare_docs.py's; CPU smoke 5000)
+#   CASEOPS=1          with DOCS: build the case-operator variant (DATASET=docs_sp{V}_caseops); default 0
 #   TRAIN_SHARDS=N     FineWeb training shards to download (default 80; CPU smoke 1)
+# With DOCS the dataset is DATA_DIR/datasets/docs_sp{V}[_caseops] (exported as DATASET); one already there
+# is reused only when its manifest.json matches DOCS/VAL_DOCS/TOKENIZER_DOCS/TOKENIZER_PATH/CASEOPS.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -59,8 +62,16 @@ gpu_defaults() {
   default VAL_DOCS 50000; default TRAIN_SHARDS 80
 }
 
-dataset_dir() { printf '%s/datasets/fineweb10B_sp%s' "$DATA_DIR" "$VOCAB_SIZE"; }
-tokenizer_file() { printf '%s' "${TOKENIZER_PATH:-$DATA_DIR/tokenizers/fineweb_${VOCAB_SIZE}_bpe.model}"; }
+dataset_dir() { printf '%s/datasets/%s' "$DATA_DIR" "$DATASET"; }
+
+# The tokenizer train_gpt.py will read: TOKENIZER_PATH, else the one the dataset's manifest names, else FineWeb's.
+tokenizer_file() {
+  if [ -n "${TOKENIZER_PATH:-}" ]; then printf '%s' "$TOKENIZER_PATH"; return; fi
+  "$PY" -c 'import json, os, sys
+manifest = os.path.join(sys.argv[1], "datasets", sys.argv[2], "manifest.json")
+named = json.load(open(manifest)).get("tokenizer", {}).get("file") if os.path.isfile(manifest) else None
+print(os.path.join(sys.argv[1], named or "tokenizers/fineweb_%s_bpe.model" % sys.argv[3]))' "$DATA_DIR" "$DATASET" "$VOCAB_SIZE"
+}
 
 data_ready() {
   compgen -G "$(dataset_dir)/fineweb_val_*.bin" >/dev/null &&
@@ -68,11 +79,82 @@ data_ready() {
     [ -f "$(tokenizer_file)" ]
 }
 
-build_from_docs() {
+# With DOCS, the dataset is named by what it is built from: docs_sp{V}, or docs_sp{V}_caseops with CASEOPS=1.
+choose_dataset() {
+  if [ -z "${DOCS:-}" ]; then default DATASET "fineweb10B_sp$VOCAB_SIZE"; return; fi
   [ -e "$DOCS" ] || die "DOCS=$DOCS does not exist; point it at a .jsonl[.xz|.gz|.zst] file of {\"text\": ...} documents"
+  [[ "$VAL_DOCS" =~ ^[0-9]+$ ]] || die "VAL_DOCS=$VAL_DOCS must be a whole number of documents"
+  [[ "${TOKENIZER_DOCS:-1}" =~ ^[0-9]+$ ]] || die "TOKENIZER_DOCS=$TOKENIZER_DOCS must be a whole number of documents"
+  [ -z "${TOKENIZER_PATH:-}" ] || [ -f "$TOKENIZER_PATH" ] || die "TOKENIZER_PATH=$TOKENIZER_PATH does not exist; point it at a sentencepiece .model or unset it"
+  local name="docs_sp$VOCAB_SIZE"
+  case "${CASEOPS:-0}" in
+    0) ;;
+    1) name+=_caseops ;;
+    *) die "CASEOPS=$CASEOPS must be 0 or 1" ;;
+  esac
+  if [ -n "${DATASET:-}" ] && [ "$DATASET" != "$name" ]; then
+    die "DATASET=$DATASET and DOCS are both set, but DOCS builds $name; unset DATASET (or set DATASET=$name)"
+  fi
+  export DATASET=$name
+}
+
+# An existing DOCS dataset is reused only when its manifest.json says it was built from the settings asked
+# for; otherwise this prints one line naming each differing setting (nothing when all agree). Unset
+# TOKENIZER_DOCS/TOKENIZER_PATH are not compared. A mismatch stops the run instead of rebuilding, because a
+# rebuild would silently replace data that earlier runs (and their records) used.
+dataset_differences() {
+  "$PY" - "$(dataset_dir)" <<'PYTHON'
+import hashlib, json, os, sys
+
+folder = sys.argv[1]
+fix = f"delete it to rebuild it (rm -r {folder}), or use another DATA_DIR"
+path = os.path.join(folder, "manifest.json")
+if not os.path.isfile(path):
+    sys.exit(print(f"{folder} has no manifest.json, so what it was built from is unknown; {fix}"))
+manifest = json.load(open(path))
+
+def sha256(file):
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+env = os.environ.get
+tokenizer = manifest.get("tokenizer", {})
+differ = []  # (setting, value it was built with, value asked for)
+if manifest.get("docs_sha256"):
+    asked = sha256(env("DOCS"))
+    if asked != manifest["docs_sha256"]:
+        differ.append(("DOCS", f"{manifest.get('docs')} (sha256 {manifest['docs_sha256'][:12]})", f"{env('DOCS')} (sha256 {asked[:12]})"))
+elif os.path.realpath(env("DOCS")) != os.path.realpath(manifest.get("docs", "")):
+    differ.append(("DOCS", manifest.get("docs"), env("DOCS")))
+differ.append(("VAL_DOCS", manifest.get("settings", {}).get("val_docs"), int(env("VAL_DOCS"))))
+differ.append(("CASEOPS", int(bool(manifest.get("caseops"))), int(env("CASEOPS") or 0)))
+if env("TOKENIZER_PATH"):
+    asked = sha256(env("TOKENIZER_PATH"))
+    differ.append(("TOKENIZER_PATH", f"a tokenizer with sha256 {tokenizer.get('sha256', '?')[:12]}", f"{env('TOKENIZER_PATH')} (sha256 {asked[:12]})")
+                  if asked != tokenizer.get("sha256") else None)
+elif env("TOKENIZER_DOCS"):
+    differ.append(("TOKENIZER_DOCS", tokenizer.get("train_docs", "none (a given tokenizer)"), int(env("TOKENIZER_DOCS"))))
+differ = [d for d in differ if d and d[1] != d[2]]
+if differ:
+    print(f"{folder} was built with " + ", ".join(f"{name}={built}" for name, built, _ in differ) + " (its manifest.json), not "
+          + ", ".join(f"{name}={asked}" for name, _, asked in differ) + f"; rerun with the values it was built with, or {fix}")
+PYTHON
+}
+
+check_docs_dataset() {
+  local differences
+  differences=$(dataset_differences) || die "could not read $(dataset_dir)/manifest.json (message above); delete that folder to rebuild it"
+  if [ -n "$differences" ]; then die "$differences"; fi
+}
+
+build_from_docs() {
   local args=(--docs "$DOCS" --vocab-size "$VOCAB_SIZE" --val-docs "$VAL_DOCS" --out "$DATA_DIR" --workers "$(cpu_count)")
   if [ -n "${TOKENIZER_DOCS:-}" ]; then args+=(--tokenizer-docs "$TOKENIZER_DOCS"); fi
   if [ -n "${TOKENIZER_PATH:-}" ]; then args+=(--tokenizer "$TOKENIZER_PATH"); fi
+  if [ "${CASEOPS:-0}" = 1 ]; then args+=(--caseops); fi
   say "data: building $(dataset_dir) from $DOCS: python data/prepare_docs.py ${args[*]}"
   "$PY" data/prepare_docs.py "${args[@]}" || die "data/prepare_docs.py failed (message above); fix DOCS or its options and rerun"
 }
@@ -92,6 +174,8 @@ download_fineweb() {
 }
 
 prepare_data() {
+  choose_dataset
+  if [ -n "${DOCS:-}" ] && [ -d "$(dataset_dir)" ]; then check_docs_dataset; fi
   if data_ready; then
     say "data: using $(dataset_dir) and $(tokenizer_file)"
   elif [ -n "${DOCS:-}" ]; then

@@ -18,6 +18,7 @@ import ast
 import contextlib
 import copy
 import glob
+import hashlib
 import io
 import json
 import math
@@ -382,6 +383,22 @@ def load_validation_tokens(dataset_dir: str, vocab_size: int) -> Tensor:
         raise DataError(f"{dataset_dir}: validation shards hold {len(tokens)} tokens, need at least 2 to score; {DATA_HELP}")
     return tokens
 
+
+
+def dataset_provenance(h: Hyperparameters, val_tokens: Tensor) -> dict:
+    """What the run is scored on, for the config event and records: the dataset's manifest.json (written by
+    data/prepare_docs.py or the FineWeb download), its validation documents (one BOS each) and the tokenizer."""
+    path, legacy = Path(h.dataset_dir, "manifest.json"), Path(h.data_dir, "manifest.json")  # legacy: older prepare_docs.py
+    if not path.is_file() and legacy.is_file() and json.loads(legacy.read_bytes()).get("dataset_dir") == f"datasets/{path.parent.name}":
+        path = legacy
+    raw = path.read_bytes() if path.is_file() else b""
+    manifest = json.loads(raw) if raw else {}
+    # A manifest without "docs" is the download's; without any manifest only the FineWeb folder name is left to go on.
+    source = "local_docs" if manifest.get("docs") else "fineweb" if raw or path.parent.name.startswith("fineweb10B_") else "unknown"
+    return {"path": h.dataset_dir, "source": source, "manifest_sha256": hashlib.sha256(raw).hexdigest() if raw else None,
+            "val_documents": int((val_tokens == BOS_ID).sum()), "docs": manifest.get("docs"), "docs_sha256": manifest.get("docs_sha256"),
+            "tokenizer_train_docs": manifest.get("tokenizer", {}).get("train_docs"), "caseops": bool(manifest.get("caseops")),
+            "tokenizer_sha256": hashlib.sha256(Path(h.tokenizer_file).read_bytes()).hexdigest()}
 
 def _check_not_validation(files: list[str]) -> None:
     """Training must never read a validation shard: compare real paths with every val shard beside them."""
@@ -2031,6 +2048,8 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     sp = load_tokenizer(h.tokenizer_file, h.vocab_size)
     tables = build_byte_tables(sp, h.vocab_size)
     val_tokens = load_validation_tokens(h.dataset_dir, h.vocab_size)
+    provenance = dataset_provenance(h, val_tokens)  # before VAL_MAX_TOKENS: the split as built
+    log(f"data_provenance: {json.dumps(provenance)}")
     if h.val_max_tokens and val_tokens.numel() > h.val_max_tokens:
         val_tokens = val_tokens[: h.val_max_tokens]
         log(f"WARNING: VAL_MAX_TOKENS={h.val_max_tokens}: scoring a prefix of the validation set; not a comparable score")
@@ -2045,7 +2064,7 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     log.metrics(event="config", **h.as_dict(), world_size=runtime.world_size, grad_accum_steps=grad_accum_steps,
                 device_name=torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "cpu",
                 torch_version=torch.__version__, python_version=sys.version.split()[0],
-                attention_backend=backend, num_params=num_params, git_commit=git_commit(Path(__file__).resolve().parent))
+                attention_backend=backend, num_params=num_params, data_provenance=provenance, git_commit=git_commit(Path(__file__).resolve().parent))
     final = dict(event="final", status="ok", error=None, world_size=runtime.world_size, train_time_s=0.0)
 
     if h.eval_only:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import SHIPPED_CODE, write_run
+from fixtures import FINEWEB_PROVENANCE, SHIPPED_CODE, write_run
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "records"))
@@ -62,6 +62,50 @@ def test_record_fields_match_the_logs(tmp_path):
     readme = (folder / "README.md").read_text()
     assert "Compliant with the 10min_16mb track" in readme and "1.10400" in readme
     assert "SEED=2 RUN_ID=s2 torchrun --standalone --nproc_per_node=8 train_gpt.py" in readme
+    assert "python data/cached_challenge_fineweb.py --variant sp8192 --train-shards 80" in readme
+    assert sub["dataset"]["source"] == "fineweb" and sub["checks"]["full_validation_set"]["ok"] is True
+
+
+def test_record_numbers_are_rounded_as_people_read_them(tmp_path):
+    log = write_run(tmp_path, "r", val_loss=2.512345678901, val_bpb=1.087654321987, train_time_s=598.04567891,
+                    eval_time_s=353.49618530273438, final={"peak_memory_mib": 40123.456})
+    rc, out = record(tmp_path, log)
+    folder = only_folder(out)
+    sub = json.loads((folder / "submission.json").read_text())
+    seed = sub["seeds"][0]
+    assert (seed["val_loss"], seed["val_bpb"], seed["train_time_s"], seed["eval_time_s"], seed["peak_memory_mib"]) == \
+        (2.512346, 1.087654, 598.0, 353.5, 40123)
+    assert (sub["val_loss"], sub["checks"]["eval_time_s"]["value"]) == (2.512346, 353.5)
+    assert seed["stages"]["quantized_ttt"]["eval_time_s"] == 400.0
+    readme = (folder / "README.md").read_text()
+    assert "| train_time_s | 598.0 s | 600.0 s | yes |" in readme
+    assert f"| total_bytes | {15_900_000 + len(SHIPPED_CODE):,} | 16,000,000 | yes |" in readme
+
+
+LOCAL_DOCS = {"path": "./data/datasets/docs_sp1024_caseops", "source": "local_docs", "manifest_sha256": "cd" * 32,
+              "val_documents": 300, "docs": "/corpus/docs.jsonl.xz", "docs_sha256": "ef" * 32, "tokenizer_train_docs": 5000,
+              "caseops": True, "tokenizer_sha256": "12" * 32}
+
+
+@pytest.mark.parametrize("world_size, launch", [(1, "python train_gpt.py"), (2, "torchrun --standalone --nproc_per_node=2 train_gpt.py")])
+def test_record_reproduce_command_builds_the_data_and_launches_as_the_run_did(tmp_path, world_size, launch):
+    config = {"data_provenance": LOCAL_DOCS, "dataset": "docs_sp1024_caseops", "vocab_size": 1024, "max_wallclock_seconds": 90.0}
+    rc, out = record(tmp_path, write_run(tmp_path, "local", world_size=world_size, device_name="cpu", train_time_s=85.0,
+                                         config=config))
+    folder = only_folder(out)
+    readme = (folder / "README.md").read_text()
+    assert rc == 0
+    assert ("python data/prepare_docs.py --docs /corpus/docs.jsonl.xz --vocab-size 1024 --val-docs 300 "
+            "--tokenizer-docs 5000 --caseops --out ./data") in readme
+    [command] = [line for line in readme.splitlines() if line.endswith(f" SEED=1337 RUN_ID=local {launch}")]
+    assert {"DATASET=docs_sp1024_caseops", "VOCAB_SIZE=1024", "MAX_WALLCLOCK_SECONDS=90.0"} <= set(command.split())
+    assert f"# expect docs sha256 {'ef' * 32}, tokenizer sha256 {'12' * 32}, dataset manifest sha256 {'cd' * 32}" in readme
+    assert f"tokenizer sha256: `{'12' * 32}`" in readme and f"dataset manifest sha256: `{'cd' * 32}`" in readme
+    assert "local documents `/corpus/docs.jsonl.xz` (not FineWeb)" in readme
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["dataset"] == LOCAL_DOCS
+    assert sub["checks"]["full_validation_set"] == {"value": "local_docs, 300 documents",
+                                                    "limit": "fineweb, 50,000 documents, every token", "ok": False}
 
 
 def test_record_lists_non_default_knobs_in_reproduce_command(tmp_path):
@@ -107,9 +151,20 @@ def test_record_refuses_changed_shipped_code(tmp_path, capsys):
 
 @pytest.mark.parametrize("kwargs, problem", [
     ({"world_size": 1, "device_name": "cpu"}, "hardware_8xH100 = 1x cpu"),
-    ({"train_time_s": 612.5}, "train_time_s = 612.5"),
-    ({"eval_time_s": 640.0}, "eval_time_s = 640.0"),
-    ({"config": {"val_max_tokens": 5000}}, "full_validation_set = 5000"),
+    ({"train_time_s": 612.5}, "train_time_s = 612.5 s (limit 600.0 s)"),
+    ({"eval_time_s": 640.0}, "eval_time_s = 640.0 s (limit 600.0 s)"),
+    # The run's own projection to 8 GPUs decides, not the time measured on fewer.
+    ({"world_size": 1, "eval_time_s": 2400.0, "final": {"eval_time_8gpu_s": 640.04, "eval_time_projected": True}},
+     "eval_time_s = 640.0 s (limit 600.0 s)"),
+    # A smoke run over its own budget, from the run's verdict or (older logs) from MAX_WALLCLOCK_SECONDS.
+    ({"train_time_s": 97.26, "config": {"max_wallclock_seconds": 90.0}}, "train_within_own_budget = 97.3 s (limit 90.0 s)"),
+    ({"train_time_s": 89.0, "final": {"train_budget_s": 90.0, "train_over_budget": True}},
+     "train_within_own_budget = 89.0 s (limit 90.0 s)"),
+    ({"config": {"val_max_tokens": 5000}}, "full_validation_set = fineweb, 50,000 documents, first 5,000 tokens only"),
+    ({"config": {"data_provenance": {**FINEWEB_PROVENANCE, "source": "local_docs", "docs": "d.jsonl"}}},
+     "full_validation_set = local_docs, 50,000 documents (limit fineweb, 50,000 documents, every token)"),
+    ({"config": {"data_provenance": {**FINEWEB_PROVENANCE, "val_documents": 2_000}}}, "full_validation_set = fineweb, 2,000 documents"),
+    ({"config": {"data_provenance": None}}, "full_validation_set = unknown (the log predates data provenance)"),
 ])
 def test_record_flags_non_compliant_runs(tmp_path, kwargs, problem):
     rc, out = record(tmp_path, write_run(tmp_path, "slow", **kwargs))
@@ -118,6 +173,41 @@ def test_record_flags_non_compliant_runs(tmp_path, kwargs, problem):
     assert rc == 0 and sub["compliant"] is False
     assert any(p.startswith(problem) for p in sub["problems"])
     assert (folder / "README.md").read_text().splitlines()[4].startswith("**NOT a compliant record.**")
+
+
+def script(name: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run records/<name> as a user would: a separate Python process."""
+    return subprocess.run([sys.executable, str(REPO / "records" / name), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_make_record_skips_failed_runs_of_a_glob(tmp_path):
+    """`--log logs/*.jsonl` over a logs/ folder that also holds a failed and an unfinished run."""
+    write_run(tmp_path, "a_failed", seed=1, status="failed")
+    write_run(tmp_path, "b_good", seed=2)
+    write_run(tmp_path, "c_killed", seed=3, with_final=False)
+    out = tmp_path / "records"
+    result = script("make_record.py", "--log", *sorted(map(str, (tmp_path / "logs").glob("*.jsonl"))), "--out", str(out),
+                    cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"make_record: skipped {tmp_path}/logs/a_failed.jsonl: the run failed (RuntimeError: boom)",
+        f"make_record: skipped {tmp_path}/logs/c_killed.jsonl: no final event, the run did not finish (crashed, killed or still running)"]
+    sub = json.loads((only_folder(out) / "submission.json").read_text())
+    assert [s["run_id"] for s in sub["seeds"]] == ["b_good"]
+
+
+def test_make_record_refuses_when_no_finished_run_remains(tmp_path):
+    logs = [str(write_run(tmp_path, "a", status="failed")), str(write_run(tmp_path, "b", with_final=False))]
+    result = script("make_record.py", "--log", *logs, "--out", str(tmp_path / "records"))
+    assert result.returncode == 1 and not (tmp_path / "records").exists()
+    assert result.stderr.splitlines()[-1] == ("make_record: refused: none of the 2 logs is a finished run (skipped above); "
+                                              "pass the logs of finished runs")
+
+
+def test_make_record_refuses_the_one_failed_run_it_was_given(tmp_path):
+    log = write_run(tmp_path, "alone", status="failed")
+    result = script("make_record.py", "--log", str(log), "--out", str(tmp_path / "records"))
+    assert (result.returncode, result.stderr) == (1, f"make_record: refused: {log}: the run failed (RuntimeError: boom); fix it and rerun\n")
 
 
 # ---- records/significance.py -----------------------------------------------------------------------
@@ -163,9 +253,28 @@ def test_significance_cli_on_logs_and_submission(tmp_path, capsys):
 
 
 def test_significance_needs_two_seeds(tmp_path, capsys):
-    one = write_run(tmp_path, "one")
-    assert significance.main(["--candidate", str(one), "--baseline", str(one), str(one)]) == 1
+    one, two, three = (write_run(tmp_path, name, seed=seed) for name, seed in (("one", 1), ("two", 1), ("three", 2)))
+    assert significance.main(["--candidate", str(one), "--baseline", str(two), str(three)]) == 1
     assert "needs at least 2" in capsys.readouterr().err
+
+
+def test_significance_refuses_duplicate_runs(tmp_path):
+    a, b, c = (write_run(tmp_path, name, seed=seed) for name, seed in (("a", 1), ("b", 2), ("c", 2)))
+    base = [str(write_run(tmp_path, f"base{seed}", seed=seed, val_loss=2.6)) for seed in (1, 2)]
+    # The same log twice (here once on each side) counts one run as two samples.
+    twice = script("significance.py", "--candidate", str(a), str(b), "--baseline", str(a), base[0])
+    assert (twice.returncode, twice.stderr) == (1, f"significance: {a} is given twice (also as {a}); pass each run's log once\n")
+    # Two logs of one seed on one side.
+    seed = script("significance.py", "--candidate", str(a), str(b), str(c), "--baseline", *base)
+    assert (seed.returncode, seed.stderr) == (1, f"significance: --candidate has seed 2 twice ({b} and {c}); "
+                                                 "each seed must be a distinct run, so pass every run once\n")
+
+
+def test_significance_help_states_the_bar():
+    result = script("significance.py", "--help")
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0
+    assert "the mean val_loss improves by at least 0.005 nats" in text and "Welch t-test on the per-seed val_loss gives p < 0.01" in text
 
 
 # ---- README env-var table ----------------------------------------------------------------------------
