@@ -1,6 +1,7 @@
 """The product shell: records helper, significance test, README env table, run.sh."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -230,6 +231,17 @@ def test_t_distribution_matches_scipy():
             assert significance.t_sf(t, df) == pytest.approx(stats.t.sf(t, df), rel=1e-9, abs=1e-14)
 
 
+def test_ci_installs_every_optional_test_dependency():
+    """Each pytest.importorskip(...) module is in requirements-dev.txt, which .ci/run installs: CI skips no test."""
+    import re
+
+    wanted = {m.split(".")[0] for f in (REPO / "tests").glob("*.py") for m in re.findall(r'importorskip\("([\w.]+)"\)', f.read_text())}
+    listed = {re.split(r"[<>=~!\s]", line)[0].lower() for line in (REPO / "requirements-dev.txt").read_text().splitlines()
+              if line.strip() and not line.startswith(("#", "-"))}
+    assert wanted and wanted <= listed, f"add {sorted(wanted - listed)} to requirements-dev.txt"
+    assert "-r requirements-dev.txt" in (REPO / ".ci" / "run").read_text()
+
+
 def test_welch_known_example():
     # Reference values from scipy.stats.ttest_ind(c, b, equal_var=False, alternative="less").
     t, df, p = significance.welch_one_sided([2.500, 2.502, 2.499], [2.510, 2.513, 2.509])
@@ -277,6 +289,73 @@ def test_significance_help_states_the_bar():
     assert "the mean val_loss improves by at least 0.005 nats" in text and "Welch t-test on the per-seed val_loss gives p < 0.01" in text
 
 
+# ---- data provenance (train_gpt.py's config event) -------------------------------------------------
+
+
+def provenance_data(tmp_path, documents, manifest: dict | None):
+    """A dataset of the given validation documents (BOS + ids each), with an optional manifest.json."""
+    import train_gpt as tg
+    from tiny import write_shard
+
+    folder = tmp_path / "data" / "datasets" / "docs_sp1024"
+    folder.mkdir(parents=True)
+    write_shard(folder / "fineweb_val_000000.bin", [t for doc in documents for t in [tg.BOS_ID, *doc]])
+    write_shard(folder / "fineweb_train_000000.bin", [tg.BOS_ID, *range(4, 900)] * 4)
+    if manifest is not None:
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_dataset_provenance_reads_the_manifest_and_counts_documents(tmp_path, monkeypatch):
+    import train_gpt as tg
+    from tiny import tiny_hparams
+
+    manifest = {"docs": "corpus/docs.jsonl.xz", "docs_sha256": "ef" * 32, "caseops": False,
+                "tokenizer": {"file": "tokenizers/docs_sp1024.model", "train_docs": 5000}}
+    folder = provenance_data(tmp_path, [[5, 6, 7], [8], [9, 10]], manifest)
+    tokenizer = tmp_path / "tok.model"
+    tokenizer.write_bytes(b"some tokenizer bytes")
+    h = tiny_hparams(monkeypatch, DATA_DIR=str(tmp_path / "data"), DATASET="docs_sp1024", VOCAB_SIZE=1024, TOKENIZER_PATH=str(tokenizer))
+    got = tg.dataset_provenance(h, tg.load_validation_tokens(h.dataset_dir, h.vocab_size))
+    assert got == {"path": str(folder), "source": "local_docs",
+                   "manifest_sha256": hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest(), "val_documents": 3,
+                   "docs": "corpus/docs.jsonl.xz", "docs_sha256": "ef" * 32, "tokenizer_train_docs": 5000, "caseops": False,
+                   "tokenizer_sha256": hashlib.sha256(b"some tokenizer bytes").hexdigest()}
+    # Without a manifest only a FineWeb download's folder name vouches for FineWeb.
+    (folder / "manifest.json").unlink()
+    assert tg.dataset_provenance(h, tg.load_validation_tokens(h.dataset_dir, h.vocab_size))["source"] == "unknown"
+    fineweb = folder.rename(folder.with_name("fineweb10B_sp1024"))
+    h = tiny_hparams(monkeypatch, DATA_DIR=str(tmp_path / "data"), DATASET="", VOCAB_SIZE=1024, TOKENIZER_PATH=str(tokenizer))
+    assert tg.dataset_provenance(h, tg.load_validation_tokens(h.dataset_dir, h.vocab_size))["source"] == "fineweb"
+    # An older prepare_docs.py build: DATA_DIR/manifest.json names the FineWeb-named folder it filled.
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"docs": "d.jsonl", "dataset_dir": f"datasets/{fineweb.name}"}))
+    assert tg.dataset_provenance(h, tg.load_validation_tokens(h.dataset_dir, h.vocab_size))["source"] == "local_docs"
+
+
+def test_config_event_names_the_data(tmp_path, monkeypatch, sp1024_model_path):
+    """run() logs data_provenance in its config event, counting the split as built (before VAL_MAX_TOKENS)."""
+    import train_gpt as tg
+    from tiny import tiny_hparams
+
+    provenance_data(tmp_path, [[5, 6], [7, 8, 9], [10], [11, 12]], {"docs": "d.jsonl"})
+    h = tiny_hparams(monkeypatch, DATA_DIR=str(tmp_path / "data"), DATASET="docs_sp1024", VOCAB_SIZE=1024, VAL_MAX_TOKENS=4,
+                     TOKENIZER_PATH=str(sp1024_model_path), LOG_DIR=str(tmp_path / "logs"))
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop
+    monkeypatch.setattr(tg, "compile_model", stop)  # the config event is written; training is not needed
+    runtime = tg.Runtime()
+    with pytest.raises(Stop):
+        tg.run(h, runtime, tg.Logger(runtime, h.log_dir, "prov"), "prov")
+    [config] = [e for e in map(json.loads, open(tmp_path / "logs" / "prov.jsonl")) if e["event"] == "config"]
+    got = config["data_provenance"]
+    assert (got["source"], got["val_documents"], got["docs"]) == ("local_docs", 4, "d.jsonl")
+    assert got["tokenizer_sha256"] == hashlib.sha256(sp1024_model_path.read_bytes()).hexdigest()
+
+
 # ---- README env-var table ----------------------------------------------------------------------------
 
 
@@ -286,6 +365,23 @@ def test_readme_env_table_matches_config_registry():
     assert env_table.render_table(registry) in readme, "README env table is stale: run python tools/env_table.py"
     for name in ("DATA_DIR", "VOCAB_SIZE", "TTT_ENABLED", "EVAL_STRIDE"):
         assert f"| `{name}` |" in readme
+
+
+def test_readme_quick_start_works_on_a_fresh_machine():
+    """The quick start installs the test requirements before the test command, which run.sh provides."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in block.splitlines()]
+    assert commands[:2] == ["pip install -r requirements-dev.txt", "bash run.sh test"]
+    assert "test) exec \"$PY\" -m pytest -q tests" in (REPO / "run.sh").read_text()
+
+
+def test_docs_name_no_machine_specific_paths():
+    import re
+
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        found = re.findall(r"(?<![\w.])/(?:work|root|home|tmp|Users)/\S*", path.read_text(encoding="utf-8"))
+        assert not found, f"{path.name} names paths of one machine: {found}"
 
 
 def test_env_table_check_detects_drift(tmp_path):
@@ -301,19 +397,29 @@ def test_env_table_check_detects_drift(tmp_path):
 
 STUB_DOWNLOADER = 'import sys\nprint("cached_challenge_fineweb: cannot reach huggingface.co; check your network")\nsys.exit(1)\n'
 
-# Builds a tiny dataset layout and records its arguments, as data/prepare_docs.py would.
+# Builds a tiny dataset in data/prepare_docs.py's layout (DATA_DIR/datasets/docs_sp{V}[_caseops]/ with its
+# manifest.json, the tokenizer in DATA_DIR/tokenizers/) and appends its arguments to prepare_calls.jsonl.
 STUB_PREPARE_DOCS = """
-import argparse, json, os, sys
+import argparse, hashlib, json, os
 p = argparse.ArgumentParser()
 for a in ("--docs", "--vocab-size", "--val-docs", "--out", "--tokenizer-docs", "--workers", "--tokenizer"):
     p.add_argument(a)
+p.add_argument("--caseops", action="store_true")
 args = p.parse_args()
-d = os.path.join(args.out, "datasets", f"fineweb10B_sp{args.vocab_size}")
-os.makedirs(d); os.makedirs(os.path.join(args.out, "tokenizers"))
+name = f"docs_sp{args.vocab_size}" + ("_caseops" if args.caseops else "")
+d = os.path.join(args.out, "datasets", name)
+os.makedirs(d); os.makedirs(os.path.join(args.out, "tokenizers"), exist_ok=True)
 for split in ("train", "val"):
     open(os.path.join(d, f"fineweb_{split}_000000.bin"), "wb").write(bytes(1024 + 2 * 100))
-open(os.path.join(args.out, "tokenizers", f"fineweb_{args.vocab_size}_bpe.model"), "wb").write(b"m")
-json.dump(vars(args), open("prepare_args.json", "w"))
+tokenizer = os.path.join(args.out, "tokenizers", name + ".model")
+open(tokenizer, "wb").write(open(args.tokenizer, "rb").read() if args.tokenizer else b"m")
+sha = lambda f: hashlib.sha256(open(f, "rb").read()).hexdigest()
+manifest = {"docs": args.docs, "docs_sha256": sha(args.docs), "settings": {"val_docs": int(args.val_docs)}, "caseops": args.caseops,
+            "tokenizer": {"file": f"tokenizers/{name}.model", "sha256": sha(tokenizer),
+                          **({} if args.tokenizer else {"train_docs": int(args.tokenizer_docs or 30000)})},
+            "splits": {"val": {"documents": int(args.val_docs)}}}
+json.dump(manifest, open(os.path.join(d, "manifest.json"), "w"))
+open("prepare_calls.jsonl", "a").write(json.dumps(vars(args)) + "\\n")
 """
 
 # Stands in for train_gpt.py: run as a script it records its env and writes a finished run's logs;
@@ -355,13 +461,16 @@ def test_run_sh_syntax():
     assert os.access(REPO / "run.sh", os.X_OK)
 
 
-def test_run_sh_cpu_smoke_config_is_valid():
-    """run.sh's CPU smoke defaults must pass train_gpt.py's config checks."""
-    script = 'source run.sh && cpu_smoke_defaults && python -c "import train_gpt; h = train_gpt.Hyperparameters(); print(h.model_dim, h.vocab_size)"'
+@pytest.mark.parametrize("docs, val_max_tokens", [("", "150000"), ("docs.jsonl", "0")])
+def test_run_sh_cpu_smoke_config_is_valid(docs, val_max_tokens):
+    """run.sh's CPU smoke defaults pass train_gpt.py's config checks, keep room for the post-training work
+    inside the budget, and score only a prefix of FineWeb's validation split (a DOCS split is small)."""
+    script = ('source run.sh && cpu_smoke_defaults && python -c "import train_gpt; h = train_gpt.Hyperparameters(); '
+              'print(h.model_dim, h.vocab_size, h.max_wallclock_seconds, h.gptq_reserve_seconds, h.val_max_tokens)"')
     keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    result = subprocess.run(["bash", "-c", script], cwd=REPO, env=keep, capture_output=True, text=True)
+    result = subprocess.run(["bash", "-c", script], cwd=REPO, env={**keep, "DOCS": docs}, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["64", "1024"]
+    assert result.stdout.split() == ["64", "1024", "90.0", "20.0", val_max_tokens]
 
 
 def test_run_sh_without_data_says_what_to_do(shell_copy):
@@ -386,11 +495,79 @@ def test_run_sh_cpu_pipeline_from_docs(shell_copy):
     (shell_copy / "docs.jsonl").write_text('{"text": "hello"}\n')
     result = run_sh(shell_copy, DOCS="docs.jsonl", RUN_ID="smoke_test", NUM_LAYERS="3")
     assert result.returncode == 0, result.stderr
-    prep = json.loads((shell_copy / "prepare_args.json").read_text())
-    assert (prep["docs"], prep["vocab_size"], prep["val_docs"], prep["out"]) == ("docs.jsonl", "1024", "500", "./data")
+    [prep] = prepare_calls(shell_copy)
+    assert (prep["docs"], prep["vocab_size"], prep["val_docs"], prep["out"], prep["caseops"]) == ("docs.jsonl", "1024", "100", "./data", False)
     env = json.loads((shell_copy / "train_env.json").read_text())
     assert (env["VOCAB_SIZE"], env["MODEL_DIM"], env["NUM_LAYERS"], env["RUN_ID"]) == ("1024", "64", "3", "smoke_test")
+    assert env["DATASET"] == "docs_sp1024"  # a local-docs dataset is not stored under a FineWeb name
     [folder] = (shell_copy / "records" / "track_10min_16mb").iterdir()
     assert folder.name.endswith("_smoke_test")
     assert json.loads((folder / "submission.json").read_text())["compliant"] is False
     assert "not a compliant record" in result.stderr
+
+
+def prepare_calls(root: Path) -> list[dict]:
+    calls = root / "prepare_calls.jsonl"
+    return [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+
+
+def prepare_data(cwd: Path, **env) -> subprocess.CompletedProcess:
+    """run.sh's data stage alone (sourced), with the settings main() would export; prints the DATASET it exported."""
+    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    settings = {"DATA_DIR": "./data", "VOCAB_SIZE": "1024", "VAL_DOCS": "500", "TOKENIZER_DOCS": "5000", **env}
+    return subprocess.run(["bash", "-c", 'source run.sh && prepare_data && echo "DATASET=$DATASET"'], cwd=cwd,
+                          env={**keep, **settings}, capture_output=True, text=True, timeout=120)
+
+
+def test_run_sh_reuses_a_docs_dataset_only_when_its_manifest_matches(shell_copy):
+    (shell_copy / "data" / "prepare_docs.py").write_text(STUB_PREPARE_DOCS)
+    docs = shell_copy / "docs.jsonl"
+    docs.write_text('{"text": "hello"}\n')
+    folder = "./data/datasets/docs_sp1024"
+    fix = f"delete it to rebuild it (rm -r {folder}), or use another DATA_DIR"
+
+    built = prepare_data(shell_copy, DOCS="docs.jsonl")
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.splitlines()[-1] == "DATASET=docs_sp1024" and len(prepare_calls(shell_copy)) == 1
+    same = prepare_data(shell_copy, DOCS="docs.jsonl")
+    assert f"==> data: using {folder} and ./data/tokenizers/docs_sp1024.model" in same.stdout
+    assert same.returncode == 0 and len(prepare_calls(shell_copy)) == 1  # reused, not rebuilt
+
+    other = prepare_data(shell_copy, DOCS="docs.jsonl", VAL_DOCS="300", TOKENIZER_DOCS="2000")
+    assert (other.returncode, other.stderr) == (1, f"run.sh: error: {folder} was built with VAL_DOCS=500, TOKENIZER_DOCS=5000 "
+                                                   f"(its manifest.json), not VAL_DOCS=300, TOKENIZER_DOCS=2000; "
+                                                   f"rerun with the values it was built with, or {fix}\n")
+    old_sha = hashlib.sha256(docs.read_bytes()).hexdigest()
+    docs.write_text('{"text": "hello again"}\n')
+    new_sha = hashlib.sha256(docs.read_bytes()).hexdigest()
+    edited = prepare_data(shell_copy, DOCS="docs.jsonl")
+    assert (edited.returncode, edited.stderr) == (1, f"run.sh: error: {folder} was built with DOCS=docs.jsonl (sha256 {old_sha[:12]}) "
+                                                     f"(its manifest.json), not DOCS=docs.jsonl (sha256 {new_sha[:12]}); "
+                                                     f"rerun with the values it was built with, or {fix}\n")
+    tokenizer = shell_copy / "other.model"
+    tokenizer.write_bytes(b"another tokenizer")
+    given = prepare_data(shell_copy, DOCS="docs.jsonl", TOKENIZER_PATH="other.model")
+    assert given.returncode == 1 and "TOKENIZER_PATH=a tokenizer with sha256 " in given.stderr
+    assert len(prepare_calls(shell_copy)) == 1  # nothing was rebuilt behind the user's back
+
+    # The case-operator variant is another dataset, built beside the plain one.
+    caseops = prepare_data(shell_copy, DOCS="docs.jsonl", CASEOPS="1")
+    assert caseops.returncode == 0, caseops.stderr
+    assert caseops.stdout.splitlines()[-1] == "DATASET=docs_sp1024_caseops" and prepare_calls(shell_copy)[-1]["caseops"] is True
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DATASET": "mine"}, "DATASET=mine and DOCS are both set, but DOCS builds docs_sp1024; unset DATASET (or set DATASET=docs_sp1024)"),
+    ({"CASEOPS": "yes"}, "CASEOPS=yes must be 0 or 1"),
+    ({"VAL_DOCS": "3e2"}, "VAL_DOCS=3e2 must be a whole number of documents"),
+    ({"TOKENIZER_PATH": "nope.model"}, "TOKENIZER_PATH=nope.model does not exist; point it at a sentencepiece .model or unset it"),
+    ({"manifest": None}, "./data/datasets/docs_sp1024 has no manifest.json, so what it was built from is unknown; "
+                         "delete it to rebuild it (rm -r ./data/datasets/docs_sp1024), or use another DATA_DIR"),
+])
+def test_run_sh_docs_settings_errors(shell_copy, env, message):
+    (shell_copy / "docs.jsonl").write_text('{"text": "hello"}\n')
+    if "manifest" in env:  # a dataset folder whose origin cannot be checked
+        (shell_copy / "data" / "datasets" / "docs_sp1024").mkdir(parents=True)
+        env = {}
+    result = prepare_data(shell_copy, DOCS="docs.jsonl", **env)
+    assert (result.returncode, result.stderr) == (1, f"run.sh: error: {message}\n")
