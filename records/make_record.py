@@ -335,7 +335,7 @@ def write_record(logs: list[RunLog], codes: list[Path], args) -> tuple[Path, dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a records folder from finished runs (one --log per seed).")
+    parser = argparse.ArgumentParser(description="Write a records folder from finished runs (one log per seed).")
     parser.add_argument("--log", action="extend", nargs="+", required=True, type=Path,
                         help="logs/<RUN_ID>.jsonl of each seed (several, a glob, or repeated --log); of several, failed runs are skipped")
     parser.add_argument("--name", help="record name (folder <date>_<name>); default: the first run's RUN_ID")
