@@ -384,7 +384,6 @@ def load_validation_tokens(dataset_dir: str, vocab_size: int) -> Tensor:
     return tokens
 
 
-
 def dataset_provenance(h: Hyperparameters, val_tokens: Tensor) -> dict:
     """What the run is scored on, for the config event and records: the dataset's manifest.json (written by
     data/prepare_docs.py or the FineWeb download), its validation documents (one BOS each) and the tokenizer."""
@@ -399,6 +398,7 @@ def dataset_provenance(h: Hyperparameters, val_tokens: Tensor) -> dict:
             "val_documents": int((val_tokens == BOS_ID).sum()), "docs": manifest.get("docs"), "docs_sha256": manifest.get("docs_sha256"),
             "tokenizer_train_docs": manifest.get("tokenizer", {}).get("train_docs"), "caseops": bool(manifest.get("caseops")),
             "tokenizer_sha256": hashlib.sha256(Path(h.tokenizer_file).read_bytes()).hexdigest()}
+
 
 def _check_not_validation(files: list[str]) -> None:
     """Training must never read a validation shard: compare real paths with every val shard beside them."""
