@@ -19,6 +19,7 @@ import contextlib
 import copy
 import datetime
 import glob
+import hashlib
 import io
 import json
 import math
@@ -516,6 +517,18 @@ def read_dataset_manifest(dataset_dir: str) -> dict:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: unreadable manifest ({error}); rebuild the dataset or delete the file") from None
+def dataset_provenance(h: Hyperparameters, val_tokens: Tensor) -> dict:
+    """What the run is scored on, for the config event and records: the dataset's manifest.json (written by
+    data/prepare_docs.py or data/cached_challenge_fineweb.py), its validation documents (one BOS each) and
+    the tokenizer. Without a manifest only a FineWeb folder name is left to go on."""
+    manifest, path = read_dataset_manifest(h.dataset_dir), Path(h.dataset_dir, "manifest.json")
+    source = manifest.get("source", {})
+    kind = {"local documents": "local_docs", "hub": "fineweb"}.get(source.get("kind"))
+    kind = kind or ("fineweb" if path.parent.name.startswith("fineweb10B_") else "unknown")
+    return {"path": h.dataset_dir, "source": kind, "val_documents": int((val_tokens == BOS_ID).sum()),
+            "manifest_sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None,
+            "docs": source.get("path"), "docs_sha256": source.get("sha256"), "tokenizer_train_docs": manifest.get("tokenizer_docs"),
+            "caseops": bool(manifest.get("caseops")), "tokenizer_sha256": hashlib.sha256(Path(h.tokenizer_file).read_bytes()).hexdigest()}
 
 
 def _check_not_validation(files: list[str]) -> None:
@@ -2442,6 +2455,8 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     caseops = is_caseops(sp, read_dataset_manifest(h.dataset_dir))
     val_tokens = load_validation_tokens(h.dataset_dir, h.vocab_size)
     val_target_bytes = validation_target_bytes(h.dataset_dir, val_tokens, build_byte_tables(sp, h.vocab_size), caseops, log)
+    provenance = dataset_provenance(h, val_tokens)  # before VAL_MAX_TOKENS: the split as built
+    log(f"data_provenance: {json.dumps(provenance)}")
     if h.val_max_tokens and val_tokens.numel() > h.val_max_tokens:
         val_tokens, val_target_bytes = val_tokens[: h.val_max_tokens], val_target_bytes[: h.val_max_tokens - 1]
         log(f"WARNING: VAL_MAX_TOKENS={h.val_max_tokens}: scoring a prefix of the validation set; not a comparable score")
@@ -2456,7 +2471,7 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     log.metrics(event="config", **h.as_dict(), world_size=runtime.world_size, grad_accum_steps=grad_accum_steps,
                 device_name=torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "cpu",
                 torch_version=torch.__version__, python_version=sys.version.split()[0],
-                attention_backend=backend, num_params=num_params, git_commit=git_commit(Path(__file__).resolve().parent))
+                attention_backend=backend, num_params=num_params, data_provenance=provenance, git_commit=git_commit(Path(__file__).resolve().parent))
     final = dict(event="final", status="ok", error=None, world_size=runtime.world_size, train_time_s=0.0)
 
     if h.eval_only:

@@ -3,11 +3,13 @@
     python records/make_record.py --log logs/seed1.jsonl --log logs/seed2.jsonl --log logs/seed3.jsonl \
         --name MyStack --author "Ada" --github-id ada --blurb "what changed"
 
-Writes <out>/<YYYY-MM-DD>_<name>/. It refuses (exit 1, nothing written) when a run failed or did not
-finish, when an artifact is over 16,000,000 bytes, or when the seeds are not runs of one submission.
-Runs that are not on 8xH100 or that break the 600 s train/eval limits ARE written, but flagged
-`"compliant": false` with the reasons, in submission.json and at the top of README.md: they are
-useful as documented experiments, never as record claims. Every flag is computed from the logs.
+Writes <out>/<YYYY-MM-DD>_<name>/. Of several logs (`--log logs/*.jsonl`), runs that failed or did not
+finish are skipped with a one-line notice each; it refuses (exit 1, nothing written) when no finished run
+remains, when the one log given failed, when an artifact is over 16,000,000 bytes, or when the runs are
+not seeds of one submission. Runs that are not on 8xH100, break the 600 s train/eval limits or their own
+training budget, or are not scored on FineWeb's full validation split ARE written, but flagged
+`"compliant": false` with the reasons, in submission.json and at the top of README.md: they are useful as
+documented experiments, never as record claims. Every flag is computed from the logs.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from runlog import RunLog, RunLogError, finished_ok, read_run_log
+from runlog import RunLog, RunLogError, finished_ok, read_run_log, unfinished_reason
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACT_LIMIT_BYTES = 16_000_000
@@ -30,6 +32,7 @@ TRAIN_LIMIT_S = 600.0
 EVAL_LIMIT_S = 600.0
 RECORD_WORLD_SIZE = 8
 RECORD_GPU = "H100"
+FINEWEB_VAL_DOCUMENTS = 50_000  # the challenge's validation split: the first 50,000 FineWeb documents
 # Config keys that may differ between the seeds of one submission.
 PER_SEED_KEYS = {"event", "seed", "run_id"}
 # Knobs left out of the reproduce command's overrides: per seed, or paths of the machine that ran it.
@@ -41,6 +44,24 @@ def fail(msg: str) -> None:
 
 
 # ---- reading and checking the runs -----------------------------------------------------------------
+
+
+def usable_runs(paths: list[Path]) -> list[RunLog]:
+    """The finished runs among the logs. Of several logs, failed or unfinished runs are skipped with a notice
+    (a glob over logs/ catches them); the one log named alone must be finished."""
+    logs = [read_run_log(p) for p in paths]
+    if len(logs) == 1:
+        return logs
+    usable = []
+    for log in logs:
+        reason = unfinished_reason(log)
+        if reason:
+            print(f"make_record: skipped {log.path}: {reason}", file=sys.stderr)
+        else:
+            usable.append(log)
+    if not usable:
+        fail(f"none of the {len(logs)} logs is a finished run (skipped above); pass the logs of finished runs")
+    return usable
 
 
 def check_run(log: RunLog) -> dict:
@@ -95,52 +116,92 @@ def hardware(log: RunLog) -> str:
     return f"{log.final['world_size']}x {log.config.get('device_name', 'unknown device')}"
 
 
+def train_over_own_budget(log: RunLog) -> bool:
+    """The run's own verdict when it logged one; older logs: training took longer than MAX_WALLCLOCK_SECONDS."""
+    if "train_over_budget" in log.final:
+        return bool(log.final["train_over_budget"])
+    budget = float(log.config.get("max_wallclock_seconds") or 0)
+    return budget > 0 and log.final["train_time_s"] > budget
+
+
+def eval_time_8gpu(log: RunLog) -> tuple[float, bool]:
+    """(evaluation seconds on 8 GPUs, whether that is the run's projection rather than a measurement)."""
+    if log.final.get("eval_time_8gpu_s") is not None:
+        return log.final["eval_time_8gpu_s"], bool(log.final.get("eval_time_projected"))
+    return log.final["eval_time_s"], False  # older logs: measured on the run's own hardware
+
+
+def validation_set(log: RunLog) -> tuple[str, bool]:
+    """Which validation text the score covers, and whether it is the challenge's: every token of FineWeb's
+    50,000-document validation split (a local-docs split is not, however many documents it has)."""
+    provenance = log.config.get("data_provenance") or {}
+    source, documents = provenance.get("source", "unknown (the log predates data provenance)"), provenance.get("val_documents")
+    prefix = int(log.config.get("val_max_tokens") or 0)
+    text = source + (f", {documents:,} documents" if documents is not None else "") + (f", first {prefix:,} tokens only" if prefix else "")
+    return text, source == "fineweb" and documents == FINEWEB_VAL_DOCUMENTS and not prefix
+
+
+def readable(name: str, value) -> str:
+    """A check's value as a person reads it: seconds to 0.1 s, bytes with thousands separators."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:.1f} s" if name.endswith("_s") or "budget" in name else f"{value:,}"
+
+
 def compliance(logs: list[RunLog]) -> dict:
     """Each challenge limit with the worst measured value over the seeds, and whether it holds."""
     on_record_hw = all(log.final["world_size"] == RECORD_WORLD_SIZE and RECORD_GPU in str(log.config.get("device_name", ""))
                        for log in logs)
+    train_s = round(max(log.final["train_time_s"] for log in logs), 1)
+    budgets = [log.final.get("train_budget_s") or float(log.config.get("max_wallclock_seconds") or 0) for log in logs]
+    evals = [eval_time_8gpu(log) for log in logs]
+    sets = [validation_set(log) for log in logs]
     checks = {
         "hardware_8xH100": {"value": ", ".join(sorted({hardware(log) for log in logs})), "limit": f"{RECORD_WORLD_SIZE}x {RECORD_GPU}",
                             "ok": on_record_hw},
-        "train_time_s": {"value": max(log.final["train_time_s"] for log in logs), "limit": TRAIN_LIMIT_S},
-        "eval_time_s": {"value": max(log.final["eval_time_s"] for log in logs), "limit": EVAL_LIMIT_S},
+        "train_time_s": {"value": train_s, "limit": TRAIN_LIMIT_S, "ok": train_s <= TRAIN_LIMIT_S},
+        # A smoke run's own budget (MAX_WALLCLOCK_SECONDS) binds it like the 600 s binds a record run.
+        "train_within_own_budget": {"value": train_s, "limit": round(min(budgets), 1) if min(budgets) > 0 else "none",
+                                    "ok": not any(train_over_own_budget(log) for log in logs)},
+        "eval_time_s": {"value": round(max(t for t, _ in evals), 1), "limit": EVAL_LIMIT_S,
+                        "projected_to_8_gpus": any(projected for _, projected in evals)},
         "total_bytes": {"value": max(log.final["total_bytes"] for log in logs), "limit": ARTIFACT_LIMIT_BYTES},
-        # A score over a prefix of the validation set (VAL_MAX_TOKENS) is not comparable.
-        "full_validation_set": {"value": max(int(log.config.get("val_max_tokens") or 0) for log in logs), "limit": 0,
-                                "ok": all(not log.config.get("val_max_tokens") for log in logs)},
+        "full_validation_set": {"value": "; ".join(sorted({text for text, _ in sets})),
+                                "limit": f"fineweb, {FINEWEB_VAL_DOCUMENTS:,} documents, every token", "ok": all(ok for _, ok in sets)},
     }
-    for name in ("train_time_s", "eval_time_s", "total_bytes"):
+    for name in ("eval_time_s", "total_bytes"):
         checks[name]["ok"] = checks[name]["value"] <= checks[name]["limit"]
-    problems = [f"{name} = {c['value']} (limit {c['limit']})" for name, c in checks.items() if not c["ok"]]
+    problems = [f"{name} = {readable(name, c['value'])} (limit {readable(name, c['limit'])})" for name, c in checks.items() if not c["ok"]]
     return {"compliant": not problems, "problems": problems, "checks": checks}
 
 
 def seed_result(log: RunLog) -> dict:
+    """One seed's numbers, rounded as a person reads them (losses to 1e-6, seconds to 0.1 s)."""
     f = log.final
     return {
-        "seed": log.seed, "run_id": log.run_id, "val_loss": f["val_loss"], "val_bpb": f["val_bpb"],
-        "final_stage": f.get("final_stage"), "train_time_s": f["train_time_s"], "eval_time_s": f["eval_time_s"],
-        "total_bytes": f["total_bytes"], "world_size": f["world_size"], "peak_memory_mib": f.get("peak_memory_mib"),
-        "stages": {e["stage"]: {"val_loss": e["val_loss"], "val_bpb": e["val_bpb"], "eval_time_ms": e.get("eval_time_ms")}
+        "seed": log.seed, "run_id": log.run_id, "val_loss": round(f["val_loss"], 6), "val_bpb": round(f["val_bpb"], 6),
+        "final_stage": f.get("final_stage"), "train_time_s": round(f["train_time_s"], 1), "eval_time_s": round(f["eval_time_s"], 1),
+        "total_bytes": f["total_bytes"], "world_size": f["world_size"],
+        "peak_memory_mib": round(f["peak_memory_mib"]) if f.get("peak_memory_mib") is not None else None,
+        "stages": {e["stage"]: {"val_loss": round(e["val_loss"], 6), "val_bpb": round(e["val_bpb"], 6),
+                                "eval_time_s": round(e["eval_time_ms"] / 1000, 1) if e.get("eval_time_ms") is not None else None}
                    for e in log.evals},
         "log": log.path.name,
     }
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+    return round(statistics.fmean(values), 6), (round(statistics.stdev(values), 6) if len(values) > 1 else None)
 
 
 def build_submission(logs: list[RunLog], args, date: str, track: str) -> dict:
     seeds = [seed_result(log) for log in logs]
     first = logs[0]
+    (loss, loss_std), (bpb, bpb_std) = mean_std([s["val_loss"] for s in seeds]), mean_std([s["val_bpb"] for s in seeds])
     return {
         "author": args.author, "github_id": args.github_id, "name": args.name, "blurb": args.blurb,
         "date": date, "track": track,
-        "val_loss": statistics.fmean(s["val_loss"] for s in seeds),
-        "val_bpb": statistics.fmean(s["val_bpb"] for s in seeds),
-        "val_loss_std": mean_std([s["val_loss"] for s in seeds])[1],
-        "val_bpb_std": mean_std([s["val_bpb"] for s in seeds])[1],
+        "val_loss": loss, "val_bpb": bpb, "val_loss_std": loss_std, "val_bpb_std": bpb_std,
         "final_stage": first.final.get("final_stage"),
         "seeds": seeds,
         "bytes_total": max(s["total_bytes"] for s in seeds),
@@ -150,8 +211,30 @@ def build_submission(logs: list[RunLog], args, date: str, track: str) -> dict:
         "hardware": hardware(first),
         "versions": {k: first.config.get(k) for k in ("torch_version", "python_version", "attention_backend")},
         "num_params": first.config.get("num_params"),
+        "dataset": first.config.get("data_provenance"),
         **compliance(logs),
     }
+
+
+def data_command(log: RunLog) -> list[str]:
+    """The command that builds (or fetches) the run's dataset into ./data, and the hashes to check it against."""
+    provenance, vocab = log.config.get("data_provenance") or {}, log.config.get("vocab_size")
+    hashes = [f"{what} sha256 {provenance[key]}" for what, key in (("docs", "docs_sha256"), ("tokenizer", "tokenizer_sha256"),
+                                                                   ("dataset manifest", "manifest_sha256")) if provenance.get(key)]
+    check = ["# expect " + ", ".join(hashes)] if hashes else []
+    if provenance.get("source") == "local_docs":
+        tokenizer = (f"--tokenizer-docs {provenance['tokenizer_train_docs']}" if provenance.get("tokenizer_train_docs")
+                     else "--tokenizer TOKENIZER.model")
+        return [f"python data/prepare_docs.py --docs {provenance['docs']} --vocab-size {vocab} --val-docs {provenance['val_documents']} "
+                f"{tokenizer}{' --caseops' if provenance.get('caseops') else ''} --out ./data", *check]
+    if provenance.get("source") == "fineweb":
+        return [f"python data/cached_challenge_fineweb.py --variant sp{vocab} --train-shards {log.data.get('train_shards', 80)}", *check]
+    return [f"# dataset {provenance.get('path', '(not logged)')}: its origin is unknown (no manifest.json); put it in ./data first", *check]
+
+
+def launch_command(world_size: int) -> str:
+    """How train_gpt.py was started: python for one process, torchrun for several."""
+    return "python train_gpt.py" if world_size == 1 else f"torchrun --standalone --nproc_per_node={world_size} train_gpt.py"
 
 
 def config_overrides(config: dict) -> dict[str, object]:
@@ -172,11 +255,12 @@ def config_overrides(config: dict) -> dict[str, object]:
     return overrides
 
 
-def render_readme(sub: dict, config: dict, overrides: dict) -> str:
+def render_readme(sub: dict, logs: list[RunLog], overrides: dict) -> str:
+    config = logs[0].config
     lines = [f"# {sub['name']}", "", sub["blurb"] or "(no blurb)", ""]
     if sub["compliant"]:
         lines += [f"**Compliant with the {sub['track']} track** (checked from the logs: 8xH100, train <= 600 s, "
-                  "eval <= 600 s, artifact <= 16,000,000 bytes).", ""]
+                  "eval <= 600 s, artifact <= 16,000,000 bytes, FineWeb's full validation split).", ""]
     else:
         lines += ["**NOT a compliant record.** " + "; ".join(sub["problems"]) + ".", ""]
     std = f" ± {sub['val_bpb_std']:.5f}" if sub["val_bpb_std"] is not None else ""
@@ -192,15 +276,19 @@ def render_readme(sub: dict, config: dict, overrides: dict) -> str:
               f"{sub['compressor']}); limit {ARTIFACT_LIMIT_BYTES:,}.", "",
               "## Compliance (measured)", "", "| check | measured | limit | ok |", "|---|---|---|---|"]
     for name, c in sub["checks"].items():
-        lines.append(f"| {name} | {c['value']} | {c['limit']} | {'yes' if c['ok'] else 'NO'} |")
-    lines += ["", "## Hardware and versions", "", f"- hardware: {sub['hardware']}"]
+        note = " (projected to 8 GPUs)" if c.get("projected_to_8_gpus") else ""
+        lines.append(f"| {name} | {readable(name, c['value'])}{note} | {readable(name, c['limit'])} | {'yes' if c['ok'] else 'NO'} |")
+    data = sub["dataset"] or {}
+    origin = {"fineweb": "FineWeb (the challenge's data)", "local_docs": f"local documents `{data.get('docs')}` (not FineWeb)"}
+    lines += ["", "## Data", "", f"- dataset: `{data.get('path', '(not logged)')}`, {origin.get(data.get('source'), 'origin unknown')}",
+              f"- validation documents: {data.get('val_documents', '(not logged)')} (the challenge's FineWeb split has {FINEWEB_VAL_DOCUMENTS:,})",
+              f"- dataset manifest sha256: `{data.get('manifest_sha256')}`", f"- tokenizer sha256: `{data.get('tokenizer_sha256')}`",
+              "", "## Hardware and versions", "", f"- hardware: {sub['hardware']}"]
     lines += [f"- {k}: {v}" for k, v in sub["versions"].items()]
     env = " ".join(f"{k}={v}" for k, v in overrides.items())
-    lines += ["", "## Reproduce", "",
-              "From the project root, with the dataset of this vocabulary in `DATA_DIR` (see the project README):", "",
-              "```bash",
-              *[f"{env + ' ' if env else ''}SEED={s['seed']} RUN_ID={s['run_id']} torchrun --standalone --nproc_per_node={s['world_size']} train_gpt.py"
-                for s in sub["seeds"]],
+    lines += ["", "## Reproduce", "", "From the project root: build the same data, then run each seed.", "",
+              "```bash", *data_command(logs[0]),
+              *[f"{env + ' ' if env else ''}SEED={s['seed']} RUN_ID={s['run_id']} {launch_command(s['world_size'])}" for s in sub["seeds"]],
               "```", "", "## Configuration (as logged)", "", "| key | value |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in config.items() if k != "event"]
     lines += ["", "## Files", "", "- `train_gpt.py`: the shipped code (its size is `bytes_code`)",
@@ -226,7 +314,7 @@ def write_record(logs: list[RunLog], codes: list[Path], args) -> tuple[Path, dic
     if target.exists():
         fail(f"{target} already exists; pick another --name or remove it")
     submission = build_submission(logs, args, date, track)
-    readme = render_readme(submission, logs[0].config, config_overrides(logs[0].config))
+    readme = render_readme(submission, logs, config_overrides(logs[0].config))
 
     args.out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging_", dir=args.out))
@@ -247,8 +335,9 @@ def write_record(logs: list[RunLog], codes: list[Path], args) -> tuple[Path, dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a records folder from finished runs (one --log per seed).")
-    parser.add_argument("--log", action="append", required=True, type=Path, help="logs/<RUN_ID>.jsonl of one seed; repeat for more seeds")
+    parser = argparse.ArgumentParser(description="Write a records folder from finished runs (one log per seed).")
+    parser.add_argument("--log", action="extend", nargs="+", required=True, type=Path,
+                        help="logs/<RUN_ID>.jsonl of each seed (several, a glob, or repeated --log); of several, failed runs are skipped")
     parser.add_argument("--name", help="record name (folder <date>_<name>); default: the first run's RUN_ID")
     parser.add_argument("--author", default="", help="your name")
     parser.add_argument("--github-id", default="", help="your GitHub user name")
@@ -257,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        logs = [read_run_log(p) for p in args.log]
+        logs = usable_runs(args.log)
         for log in logs:
             check_run(log)
         codes = [shipped_code(log) for log in logs]

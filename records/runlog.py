@@ -55,12 +55,20 @@ def read_run_log(path: str | Path) -> RunLog:
     return log
 
 
+def unfinished_reason(log: RunLog) -> str | None:
+    """Why the run did not finish with status ok; None when it did."""
+    if log.final is None:
+        return "no final event, the run did not finish (crashed, killed or still running)"
+    if log.final.get("status") != "ok":
+        return f"the run failed ({log.final.get('error') or 'no error message'})"
+    return None
+
+
 def finished_ok(log: RunLog) -> dict:
     """The run's `final` event; RunLogError unless the run finished with status ok."""
-    if log.final is None:
-        raise RunLogError(f"{log.path}: no final event, the run did not finish (crashed or killed); rerun it")
-    if log.final.get("status") != "ok":
-        raise RunLogError(f"{log.path}: the run failed ({log.final.get('error') or 'no error message'}); fix it and rerun")
+    reason = unfinished_reason(log)
+    if reason:
+        raise RunLogError(f"{log.path}: {reason}; " + ("rerun it" if log.final is None else "fix it and rerun"))
     for key in ("val_loss", "val_bpb", "total_bytes", "train_time_s", "eval_time_s", "world_size"):
         if log.final.get(key) is None:
             raise RunLogError(f"{log.path}: final event lacks {key!r}; was it written by an older train_gpt.py?")

@@ -6,6 +6,7 @@
 Inputs are run logs (`logs/<RUN_ID>.jsonl`, one seed each) or records' submission.json files (every
 entry of their "seeds"). The test is Welch's t-test on per-seed val_loss (nats), one-sided
 (H1: the candidate's mean loss is lower). The t distribution is computed here with `math` only.
+Each seed is one independent run: the same log given twice, or one seed twice on a side, is refused.
 """
 from __future__ import annotations
 
@@ -81,19 +82,23 @@ class Sample:
 
 def load_results(paths: list[Path], label: str) -> Sample:
     """Per-seed (val_loss, val_bpb) from jsonl logs of finished runs and/or submission.json files."""
-    loss, bpb = [], []
+    loss, bpb, seen = [], [], {}  # seen: seed -> the file it came from
     for path in paths:
         if path.suffix == ".json":
             try:
                 seeds = json.loads(path.read_text(encoding="utf-8"))["seeds"]
             except (OSError, json.JSONDecodeError, KeyError) as e:
                 raise RunLogError(f"{path}: not a submission.json with a 'seeds' list ({e})") from None
-            loss += [s["val_loss"] for s in seeds]
-            bpb += [s["val_bpb"] for s in seeds]
         else:
-            final = finished_ok(read_run_log(path))
-            loss.append(final["val_loss"])
-            bpb.append(final["val_bpb"])
+            log = read_run_log(path)
+            seeds = [{**finished_ok(log), "seed": log.seed}]
+        for s in seeds:
+            if s.get("seed") is not None and s["seed"] in seen:
+                raise RunLogError(f"--{label} has seed {s['seed']} twice ({seen[s['seed']]} and {path}); "
+                                  "each seed must be a distinct run, so pass every run once")
+            seen[s.get("seed")] = path
+            loss.append(s["val_loss"])
+            bpb.append(s["val_bpb"])
     if len(loss) < 2:
         raise RunLogError(f"--{label} has {len(loss)} seed(s); the t-test needs at least 2 per side (the challenge uses 3)")
     return Sample(label, loss, bpb)
@@ -131,12 +136,29 @@ def report(candidate: Sample, baseline: Sample) -> tuple[str, bool]:
     return "\n".join(lines), clears
 
 
+def check_distinct_files(paths: list[Path]) -> None:
+    """The same file twice (on one side or both) would count one run as two samples."""
+    first: dict[Path, Path] = {}
+    for path in paths:
+        key = path.resolve()
+        if key in first:
+            raise RunLogError(f"{path} is given twice (also as {first[key]}); pass each run's log once")
+        first[key] = path
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Welch t-test of a candidate's seeds against a baseline's.")
+    parser = argparse.ArgumentParser(
+        description="Does a candidate beat a baseline by the challenge's bar? The bar: the mean val_loss improves by "
+                    f"at least {MIN_IMPROVEMENT_NATS} nats, and a one-sided Welch t-test on the per-seed val_loss gives "
+                    f"p < {MAX_P_VALUE} (the challenge asks for 3 seeds a side).",
+        epilog="Each input is a run log (logs/<RUN_ID>.jsonl, one seed) or a record's submission.json (all its seeds). "
+               "Every seed must be a distinct finished run: the same log twice, or one seed twice on a side, is refused. "
+               "Exit status 0 when the test ran (the verdict is printed), 1 on bad input.")
     parser.add_argument("--candidate", nargs="+", required=True, type=Path, help="jsonl logs or submission.json of the candidate")
     parser.add_argument("--baseline", nargs="+", required=True, type=Path, help="jsonl logs or submission.json of the baseline")
     args = parser.parse_args(argv)
     try:
+        check_distinct_files(args.candidate + args.baseline)
         text, _ = report(load_results(args.candidate, "candidate"), load_results(args.baseline, "baseline"))
     except RunLogError as e:
         print(f"significance: {e}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The product shell: records helper, significance test, README env table, run.sh."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import SHIPPED_CODE, write_run
+from fixtures import FINEWEB_PROVENANCE, SHIPPED_CODE, write_run
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "records"))
@@ -62,6 +63,50 @@ def test_record_fields_match_the_logs(tmp_path):
     readme = (folder / "README.md").read_text()
     assert "Compliant with the 10min_16mb track" in readme and "1.10400" in readme
     assert "SEED=2 RUN_ID=s2 torchrun --standalone --nproc_per_node=8 train_gpt.py" in readme
+    assert "python data/cached_challenge_fineweb.py --variant sp8192 --train-shards 80" in readme
+    assert sub["dataset"]["source"] == "fineweb" and sub["checks"]["full_validation_set"]["ok"] is True
+
+
+def test_record_numbers_are_rounded_as_people_read_them(tmp_path):
+    log = write_run(tmp_path, "r", val_loss=2.512345678901, val_bpb=1.087654321987, train_time_s=598.04567891,
+                    eval_time_s=353.49618530273438, final={"peak_memory_mib": 40123.456})
+    rc, out = record(tmp_path, log)
+    folder = only_folder(out)
+    sub = json.loads((folder / "submission.json").read_text())
+    seed = sub["seeds"][0]
+    assert (seed["val_loss"], seed["val_bpb"], seed["train_time_s"], seed["eval_time_s"], seed["peak_memory_mib"]) == \
+        (2.512346, 1.087654, 598.0, 353.5, 40123)
+    assert (sub["val_loss"], sub["checks"]["eval_time_s"]["value"]) == (2.512346, 353.5)
+    assert seed["stages"]["quantized_ttt"]["eval_time_s"] == 400.0
+    readme = (folder / "README.md").read_text()
+    assert "| train_time_s | 598.0 s | 600.0 s | yes |" in readme
+    assert f"| total_bytes | {15_900_000 + len(SHIPPED_CODE):,} | 16,000,000 | yes |" in readme
+
+
+LOCAL_DOCS = {"path": "./data/datasets/docs_sp1024_caseops", "source": "local_docs", "manifest_sha256": "cd" * 32,
+              "val_documents": 300, "docs": "/corpus/docs.jsonl.xz", "docs_sha256": "ef" * 32, "tokenizer_train_docs": 5000,
+              "caseops": True, "tokenizer_sha256": "12" * 32}
+
+
+@pytest.mark.parametrize("world_size, launch", [(1, "python train_gpt.py"), (2, "torchrun --standalone --nproc_per_node=2 train_gpt.py")])
+def test_record_reproduce_command_builds_the_data_and_launches_as_the_run_did(tmp_path, world_size, launch):
+    config = {"data_provenance": LOCAL_DOCS, "dataset": "docs_sp1024_caseops", "vocab_size": 1024, "max_wallclock_seconds": 90.0}
+    rc, out = record(tmp_path, write_run(tmp_path, "local", world_size=world_size, device_name="cpu", train_time_s=85.0,
+                                         config=config))
+    folder = only_folder(out)
+    readme = (folder / "README.md").read_text()
+    assert rc == 0
+    assert ("python data/prepare_docs.py --docs /corpus/docs.jsonl.xz --vocab-size 1024 --val-docs 300 "
+            "--tokenizer-docs 5000 --caseops --out ./data") in readme
+    [command] = [line for line in readme.splitlines() if line.endswith(f" SEED=1337 RUN_ID=local {launch}")]
+    assert {"DATASET=docs_sp1024_caseops", "VOCAB_SIZE=1024", "MAX_WALLCLOCK_SECONDS=90.0"} <= set(command.split())
+    assert f"# expect docs sha256 {'ef' * 32}, tokenizer sha256 {'12' * 32}, dataset manifest sha256 {'cd' * 32}" in readme
+    assert f"tokenizer sha256: `{'12' * 32}`" in readme and f"dataset manifest sha256: `{'cd' * 32}`" in readme
+    assert "local documents `/corpus/docs.jsonl.xz` (not FineWeb)" in readme
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["dataset"] == LOCAL_DOCS
+    assert sub["checks"]["full_validation_set"] == {"value": "local_docs, 300 documents",
+                                                    "limit": "fineweb, 50,000 documents, every token", "ok": False}
 
 
 def test_record_lists_non_default_knobs_in_reproduce_command(tmp_path):
@@ -107,9 +152,20 @@ def test_record_refuses_changed_shipped_code(tmp_path, capsys):
 
 @pytest.mark.parametrize("kwargs, problem", [
     ({"world_size": 1, "device_name": "cpu"}, "hardware_8xH100 = 1x cpu"),
-    ({"train_time_s": 612.5}, "train_time_s = 612.5"),
-    ({"eval_time_s": 640.0}, "eval_time_s = 640.0"),
-    ({"config": {"val_max_tokens": 5000}}, "full_validation_set = 5000"),
+    ({"train_time_s": 612.5}, "train_time_s = 612.5 s (limit 600.0 s)"),
+    ({"eval_time_s": 640.0}, "eval_time_s = 640.0 s (limit 600.0 s)"),
+    # The run's own projection to 8 GPUs decides, not the time measured on fewer.
+    ({"world_size": 1, "eval_time_s": 2400.0, "final": {"eval_time_8gpu_s": 640.04, "eval_time_projected": True}},
+     "eval_time_s = 640.0 s (limit 600.0 s)"),
+    # A smoke run over its own budget, from the run's verdict or (older logs) from MAX_WALLCLOCK_SECONDS.
+    ({"train_time_s": 97.26, "config": {"max_wallclock_seconds": 90.0}}, "train_within_own_budget = 97.3 s (limit 90.0 s)"),
+    ({"train_time_s": 89.0, "final": {"train_budget_s": 90.0, "train_over_budget": True}},
+     "train_within_own_budget = 89.0 s (limit 90.0 s)"),
+    ({"config": {"val_max_tokens": 5000}}, "full_validation_set = fineweb, 50,000 documents, first 5,000 tokens only"),
+    ({"config": {"data_provenance": {**FINEWEB_PROVENANCE, "source": "local_docs", "docs": "d.jsonl"}}},
+     "full_validation_set = local_docs, 50,000 documents (limit fineweb, 50,000 documents, every token)"),
+    ({"config": {"data_provenance": {**FINEWEB_PROVENANCE, "val_documents": 2_000}}}, "full_validation_set = fineweb, 2,000 documents"),
+    ({"config": {"data_provenance": None}}, "full_validation_set = unknown (the log predates data provenance)"),
 ])
 def test_record_flags_non_compliant_runs(tmp_path, kwargs, problem):
     rc, out = record(tmp_path, write_run(tmp_path, "slow", **kwargs))
@@ -118,6 +174,41 @@ def test_record_flags_non_compliant_runs(tmp_path, kwargs, problem):
     assert rc == 0 and sub["compliant"] is False
     assert any(p.startswith(problem) for p in sub["problems"])
     assert (folder / "README.md").read_text().splitlines()[4].startswith("**NOT a compliant record.**")
+
+
+def script(name: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run records/<name> as a user would: a separate Python process."""
+    return subprocess.run([sys.executable, str(REPO / "records" / name), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_make_record_skips_failed_runs_of_a_glob(tmp_path):
+    """`--log logs/*.jsonl` over a logs/ folder that also holds a failed and an unfinished run."""
+    write_run(tmp_path, "a_failed", seed=1, status="failed")
+    write_run(tmp_path, "b_good", seed=2)
+    write_run(tmp_path, "c_killed", seed=3, with_final=False)
+    out = tmp_path / "records"
+    result = script("make_record.py", "--log", *sorted(map(str, (tmp_path / "logs").glob("*.jsonl"))), "--out", str(out),
+                    cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"make_record: skipped {tmp_path}/logs/a_failed.jsonl: the run failed (RuntimeError: boom)",
+        f"make_record: skipped {tmp_path}/logs/c_killed.jsonl: no final event, the run did not finish (crashed, killed or still running)"]
+    sub = json.loads((only_folder(out) / "submission.json").read_text())
+    assert [s["run_id"] for s in sub["seeds"]] == ["b_good"]
+
+
+def test_make_record_refuses_when_no_finished_run_remains(tmp_path):
+    logs = [str(write_run(tmp_path, "a", status="failed")), str(write_run(tmp_path, "b", with_final=False))]
+    result = script("make_record.py", "--log", *logs, "--out", str(tmp_path / "records"))
+    assert result.returncode == 1 and not (tmp_path / "records").exists()
+    assert result.stderr.splitlines()[-1] == ("make_record: refused: none of the 2 logs is a finished run (skipped above); "
+                                              "pass the logs of finished runs")
+
+
+def test_make_record_refuses_the_one_failed_run_it_was_given(tmp_path):
+    log = write_run(tmp_path, "alone", status="failed")
+    result = script("make_record.py", "--log", str(log), "--out", str(tmp_path / "records"))
+    assert (result.returncode, result.stderr) == (1, f"make_record: refused: {log}: the run failed (RuntimeError: boom); fix it and rerun\n")
 
 
 # ---- records/significance.py -----------------------------------------------------------------------
@@ -138,6 +229,17 @@ def test_t_distribution_matches_scipy():
     for t in (-4.0, -0.3, 0.0, 0.7, 2.5, 9.0):
         for df in (0.5, 1, 2.7, 4, 30.2, 500):
             assert significance.t_sf(t, df) == pytest.approx(stats.t.sf(t, df), rel=1e-9, abs=1e-14)
+
+
+def test_ci_installs_every_optional_test_dependency():
+    """Each pytest.importorskip(...) module is in requirements-dev.txt, which .ci/run installs: CI skips no test."""
+    import re
+
+    wanted = {m.split(".")[0] for f in (REPO / "tests").glob("*.py") for m in re.findall(r'importorskip\("([\w.]+)"\)', f.read_text())}
+    listed = {re.split(r"[<>=~!\s]", line)[0].lower() for line in (REPO / "requirements-dev.txt").read_text().splitlines()
+              if line.strip() and not line.startswith(("#", "-"))}
+    assert wanted and wanted <= listed, f"add {sorted(wanted - listed)} to requirements-dev.txt"
+    assert "-r requirements-dev.txt" in (REPO / ".ci" / "run").read_text()
 
 
 def test_welch_known_example():
@@ -163,9 +265,95 @@ def test_significance_cli_on_logs_and_submission(tmp_path, capsys):
 
 
 def test_significance_needs_two_seeds(tmp_path, capsys):
-    one = write_run(tmp_path, "one")
-    assert significance.main(["--candidate", str(one), "--baseline", str(one), str(one)]) == 1
+    one, two, three = (write_run(tmp_path, name, seed=seed) for name, seed in (("one", 1), ("two", 1), ("three", 2)))
+    assert significance.main(["--candidate", str(one), "--baseline", str(two), str(three)]) == 1
     assert "needs at least 2" in capsys.readouterr().err
+
+
+def test_significance_refuses_duplicate_runs(tmp_path):
+    a, b, c = (write_run(tmp_path, name, seed=seed) for name, seed in (("a", 1), ("b", 2), ("c", 2)))
+    base = [str(write_run(tmp_path, f"base{seed}", seed=seed, val_loss=2.6)) for seed in (1, 2)]
+    # The same log twice (here once on each side) counts one run as two samples.
+    twice = script("significance.py", "--candidate", str(a), str(b), "--baseline", str(a), base[0])
+    assert (twice.returncode, twice.stderr) == (1, f"significance: {a} is given twice (also as {a}); pass each run's log once\n")
+    # Two logs of one seed on one side.
+    seed = script("significance.py", "--candidate", str(a), str(b), str(c), "--baseline", *base)
+    assert (seed.returncode, seed.stderr) == (1, f"significance: --candidate has seed 2 twice ({b} and {c}); "
+                                                 "each seed must be a distinct run, so pass every run once\n")
+
+
+def test_significance_help_states_the_bar():
+    result = script("significance.py", "--help")
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0
+    assert "the mean val_loss improves by at least 0.005 nats" in text and "Welch t-test on the per-seed val_loss gives p < 0.01" in text
+
+
+# ---- data provenance (train_gpt.py's config event) -------------------------------------------------
+
+
+def provenance_data(tmp_path, documents, manifest: dict | None):
+    """A dataset of the given validation documents (BOS + ids each), with an optional manifest.json."""
+    import train_gpt as tg
+    from tiny import write_shard
+
+    folder = tmp_path / "data" / "datasets" / "docs_sp1024"
+    folder.mkdir(parents=True)
+    write_shard(folder / "fineweb_val_000000.bin", [t for doc in documents for t in [tg.BOS_ID, *doc]])
+    write_shard(folder / "fineweb_train_000000.bin", [tg.BOS_ID, *range(4, 900)] * 4)
+    if manifest is not None:
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_dataset_provenance_reads_the_manifest_and_counts_documents(tmp_path, monkeypatch):
+    import train_gpt as tg
+    from tiny import tiny_hparams
+
+    manifest = {"source": {"kind": "local documents", "path": "corpus/docs.jsonl.xz", "sha256": "ef" * 32}, "caseops": False,
+                "tokenizer_docs": 5000, "tokenizer": {"file": "tokenizers/docs_sp1024.model"}}
+    folder = provenance_data(tmp_path, [[5, 6, 7], [8], [9, 10]], manifest)
+    tokenizer = tmp_path / "tok.model"
+    tokenizer.write_bytes(b"some tokenizer bytes")
+    h = tiny_hparams(monkeypatch, DATA_DIR=str(tmp_path / "data"), DATASET="docs_sp1024", VOCAB_SIZE=1024, TOKENIZER_PATH=str(tokenizer))
+    got = tg.dataset_provenance(h, tg.load_validation_tokens(h.dataset_dir, h.vocab_size))
+    assert got == {"path": str(folder), "source": "local_docs",
+                   "manifest_sha256": hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest(), "val_documents": 3,
+                   "docs": "corpus/docs.jsonl.xz", "docs_sha256": "ef" * 32, "tokenizer_train_docs": 5000, "caseops": False,
+                   "tokenizer_sha256": hashlib.sha256(b"some tokenizer bytes").hexdigest()}
+    # Without a manifest only a FineWeb download's folder name vouches for FineWeb.
+    (folder / "manifest.json").unlink()
+    assert tg.dataset_provenance(h, tg.load_validation_tokens(h.dataset_dir, h.vocab_size))["source"] == "unknown"
+    fineweb = folder.rename(folder.with_name("fineweb10B_sp1024"))
+    h = tiny_hparams(monkeypatch, DATA_DIR=str(tmp_path / "data"), DATASET="", VOCAB_SIZE=1024, TOKENIZER_PATH=str(tokenizer))
+    assert tg.dataset_provenance(h, tg.load_validation_tokens(h.dataset_dir, h.vocab_size))["source"] == "fineweb"
+    # A local build's manifest in a FineWeb-named folder: the manifest, not the name, decides.
+    (fineweb / "manifest.json").write_text(json.dumps({"source": {"kind": "local documents", "path": "d.jsonl"}}))
+    assert tg.dataset_provenance(h, tg.load_validation_tokens(h.dataset_dir, h.vocab_size))["source"] == "local_docs"
+
+
+def test_config_event_names_the_data(tmp_path, monkeypatch, sp1024_model_path):
+    """run() logs data_provenance in its config event, counting the split as built (before VAL_MAX_TOKENS)."""
+    import train_gpt as tg
+    from tiny import tiny_hparams
+
+    provenance_data(tmp_path, [[5, 6], [7, 8, 9], [10], [11, 12]], {"source": {"kind": "local documents", "path": "d.jsonl"}})
+    h = tiny_hparams(monkeypatch, DATA_DIR=str(tmp_path / "data"), DATASET="docs_sp1024", VOCAB_SIZE=1024, VAL_MAX_TOKENS=4,
+                     TOKENIZER_PATH=str(sp1024_model_path), LOG_DIR=str(tmp_path / "logs"))
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop
+    monkeypatch.setattr(tg, "compile_model", stop)  # the config event is written; training is not needed
+    runtime = tg.Runtime()
+    with pytest.raises(Stop):
+        tg.run(h, runtime, tg.Logger(runtime, h.log_dir, "prov"), "prov")
+    [config] = [e for e in map(json.loads, open(tmp_path / "logs" / "prov.jsonl")) if e["event"] == "config"]
+    got = config["data_provenance"]
+    assert (got["source"], got["val_documents"], got["docs"]) == ("local_docs", 4, "d.jsonl")
+    assert got["tokenizer_sha256"] == hashlib.sha256(sp1024_model_path.read_bytes()).hexdigest()
 
 
 # ---- README env-var table ----------------------------------------------------------------------------
@@ -177,6 +365,23 @@ def test_readme_env_table_matches_config_registry():
     assert env_table.render_table(registry) in readme, "README env table is stale: run python tools/env_table.py"
     for name in ("DATA_DIR", "VOCAB_SIZE", "TTT_ENABLED", "EVAL_STRIDE"):
         assert f"| `{name}` |" in readme
+
+
+def test_readme_quick_start_works_on_a_fresh_machine():
+    """The quick start installs the test requirements before the test command, which run.sh provides."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in block.splitlines()]
+    assert commands[:2] == ["pip install -r requirements-dev.txt", "bash run.sh test"]
+    assert "test) exec \"$PY\" -m pytest -q tests" in (REPO / "run.sh").read_text()
+
+
+def test_docs_name_no_machine_specific_paths():
+    import re
+
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        found = re.findall(r"(?<![\w.])/(?:work|root|home|tmp|Users)/\S*", path.read_text(encoding="utf-8"))
+        assert not found, f"{path.name} names paths of one machine: {found}"
 
 
 def test_env_table_check_detects_drift(tmp_path):
@@ -192,19 +397,30 @@ def test_env_table_check_detects_drift(tmp_path):
 
 STUB_DOWNLOADER = 'import sys\nprint("cached_challenge_fineweb: cannot reach huggingface.co; check your network")\nsys.exit(1)\n'
 
-# Builds a tiny dataset layout and records its arguments, as data/prepare_docs.py would.
+# Builds a tiny dataset in data/prepare_docs.py's layout (DATA_DIR/datasets/docs_sp{V}[_caseops]/ with its
+# manifest.json, the tokenizer in DATA_DIR/tokenizers/) and appends its arguments to prepare_calls.jsonl.
 STUB_PREPARE_DOCS = """
-import argparse, json, os, sys
+import argparse, hashlib, json, os
 p = argparse.ArgumentParser()
 for a in ("--docs", "--vocab-size", "--val-docs", "--out", "--tokenizer-docs", "--workers", "--tokenizer"):
     p.add_argument(a)
+p.add_argument("--caseops", action="store_true")
 args = p.parse_args()
-d = os.path.join(args.out, "datasets", f"fineweb10B_sp{args.vocab_size}")
-os.makedirs(d); os.makedirs(os.path.join(args.out, "tokenizers"))
+name = f"docs_sp{args.vocab_size}" + ("_caseops" if args.caseops else "")
+d = os.path.join(args.out, "datasets", name)
+os.makedirs(d); os.makedirs(os.path.join(args.out, "tokenizers"), exist_ok=True)
 for split in ("train", "val"):
     open(os.path.join(d, f"fineweb_{split}_000000.bin"), "wb").write(bytes(1024 + 2 * 100))
-open(os.path.join(args.out, "tokenizers", f"fineweb_{args.vocab_size}_bpe.model"), "wb").write(b"m")
-json.dump(vars(args), open("prepare_args.json", "w"))
+tokenizer = os.path.join(args.out, "tokenizers", name + ".model")
+open(tokenizer, "wb").write(open(args.tokenizer, "rb").read() if args.tokenizer else b"m")
+sha = lambda f: hashlib.sha256(open(f, "rb").read()).hexdigest()
+manifest = {"name": name, "source": {"kind": "local documents", "path": args.docs, "sha256": sha(args.docs)},
+            "val_docs": int(args.val_docs), "caseops": args.caseops,
+            "tokenizer_docs": None if args.tokenizer else int(args.tokenizer_docs or 30000),
+            "tokenizer": {"file": f"tokenizers/{name}.model", "sha256": sha(tokenizer)},
+            "splits": {"val": {"documents": int(args.val_docs)}}}
+json.dump(manifest, open(os.path.join(d, "manifest.json"), "w"))
+open("prepare_calls.jsonl", "a").write(json.dumps(vars(args)) + "\\n")
 """
 
 # Stands in for train_gpt.py: run as a script it records its env and writes a finished run's logs;
@@ -246,13 +462,16 @@ def test_run_sh_syntax():
     assert os.access(REPO / "run.sh", os.X_OK)
 
 
-def test_run_sh_cpu_smoke_config_is_valid():
-    """run.sh's CPU smoke defaults must pass train_gpt.py's config checks."""
-    script = 'source run.sh && cpu_smoke_defaults && python -c "import train_gpt; h = train_gpt.Hyperparameters(); print(h.model_dim, h.vocab_size)"'
+@pytest.mark.parametrize("docs, val_max_tokens", [("", "150000"), ("docs.jsonl", "0")])
+def test_run_sh_cpu_smoke_config_is_valid(docs, val_max_tokens):
+    """run.sh's CPU smoke defaults pass train_gpt.py's config checks, keep room for the post-training work
+    inside the budget, and score only a prefix of FineWeb's validation split (a DOCS split is small)."""
+    script = ('source run.sh && cpu_smoke_defaults && python -c "import train_gpt; h = train_gpt.Hyperparameters(); '
+              'print(h.model_dim, h.vocab_size, h.max_wallclock_seconds, h.gptq_reserve_seconds, h.val_max_tokens)"')
     keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    result = subprocess.run(["bash", "-c", script], cwd=REPO, env=keep, capture_output=True, text=True)
+    result = subprocess.run(["bash", "-c", script], cwd=REPO, env={**keep, "DOCS": docs}, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["64", "1024"]
+    assert result.stdout.split() == ["64", "1024", "90.0", "20.0", val_max_tokens]
 
 
 def test_run_sh_without_data_says_what_to_do(shell_copy):
@@ -277,10 +496,11 @@ def test_run_sh_cpu_pipeline_from_docs(shell_copy):
     (shell_copy / "docs.jsonl").write_text('{"text": "hello"}\n')
     result = run_sh(shell_copy, DOCS="docs.jsonl", RUN_ID="smoke_test", NUM_LAYERS="3")
     assert result.returncode == 0, result.stderr
-    prep = json.loads((shell_copy / "prepare_args.json").read_text())
-    assert (prep["docs"], prep["vocab_size"], prep["val_docs"], prep["out"]) == ("docs.jsonl", "1024", "500", "./data")
+    [prep] = prepare_calls(shell_copy)
+    assert (prep["docs"], prep["vocab_size"], prep["val_docs"], prep["out"], prep["caseops"]) == ("docs.jsonl", "1024", "100", "./data", False)
     env = json.loads((shell_copy / "train_env.json").read_text())
     assert (env["VOCAB_SIZE"], env["MODEL_DIM"], env["NUM_LAYERS"], env["RUN_ID"]) == ("1024", "64", "3", "smoke_test")
+    assert env["DATASET"] == "docs_sp1024"  # a local-docs dataset is not stored under a FineWeb name
     [folder] = (shell_copy / "records" / "track_10min_16mb").iterdir()
     assert folder.name.endswith("_smoke_test")
     assert json.loads((folder / "submission.json").read_text())["compliant"] is False
@@ -349,3 +569,68 @@ def test_record_config_without_a_gpu_is_refused_up_front():
     line = one_line_error(run_train_gpt())
     assert line.startswith("config error: no GPU, and one micro-batch of this config needs ~")
     assert "bash run.sh" in line
+def prepare_calls(root: Path) -> list[dict]:
+    calls = root / "prepare_calls.jsonl"
+    return [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+
+
+def prepare_data(cwd: Path, **env) -> subprocess.CompletedProcess:
+    """run.sh's data stage alone (sourced), with the settings main() would export; prints the DATASET it exported."""
+    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    settings = {"DATA_DIR": "./data", "VOCAB_SIZE": "1024", "VAL_DOCS": "500", "TOKENIZER_DOCS": "5000", **env}
+    return subprocess.run(["bash", "-c", 'source run.sh && prepare_data && echo "DATASET=$DATASET"'], cwd=cwd,
+                          env={**keep, **settings}, capture_output=True, text=True, timeout=120)
+
+
+def test_run_sh_reuses_a_docs_dataset_only_when_its_manifest_matches(shell_copy):
+    (shell_copy / "data" / "prepare_docs.py").write_text(STUB_PREPARE_DOCS)
+    docs = shell_copy / "docs.jsonl"
+    docs.write_text('{"text": "hello"}\n')
+    folder = "./data/datasets/docs_sp1024"
+    fix = f"delete it to rebuild it (rm -r {folder}), or use another DATA_DIR"
+
+    built = prepare_data(shell_copy, DOCS="docs.jsonl")
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.splitlines()[-1] == "DATASET=docs_sp1024" and len(prepare_calls(shell_copy)) == 1
+    same = prepare_data(shell_copy, DOCS="docs.jsonl")
+    assert f"==> data: using {folder} and ./data/tokenizers/docs_sp1024.model" in same.stdout
+    assert same.returncode == 0 and len(prepare_calls(shell_copy)) == 1  # reused, not rebuilt
+
+    other = prepare_data(shell_copy, DOCS="docs.jsonl", VAL_DOCS="300", TOKENIZER_DOCS="2000")
+    assert (other.returncode, other.stderr) == (1, f"run.sh: error: {folder} was built with VAL_DOCS=500, TOKENIZER_DOCS=5000 "
+                                                   f"(its manifest.json), not VAL_DOCS=300, TOKENIZER_DOCS=2000; "
+                                                   f"rerun with the values it was built with, or {fix}\n")
+    old_sha = hashlib.sha256(docs.read_bytes()).hexdigest()
+    docs.write_text('{"text": "hello again"}\n')
+    new_sha = hashlib.sha256(docs.read_bytes()).hexdigest()
+    edited = prepare_data(shell_copy, DOCS="docs.jsonl")
+    assert (edited.returncode, edited.stderr) == (1, f"run.sh: error: {folder} was built with DOCS=docs.jsonl (sha256 {old_sha[:12]}) "
+                                                     f"(its manifest.json), not DOCS=docs.jsonl (sha256 {new_sha[:12]}); "
+                                                     f"rerun with the values it was built with, or {fix}\n")
+    tokenizer = shell_copy / "other.model"
+    tokenizer.write_bytes(b"another tokenizer")
+    given = prepare_data(shell_copy, DOCS="docs.jsonl", TOKENIZER_PATH="other.model")
+    assert given.returncode == 1 and "TOKENIZER_PATH=a tokenizer with sha256 " in given.stderr
+    assert len(prepare_calls(shell_copy)) == 1  # nothing was rebuilt behind the user's back
+
+    # The case-operator variant is another dataset, built beside the plain one.
+    caseops = prepare_data(shell_copy, DOCS="docs.jsonl", CASEOPS="1")
+    assert caseops.returncode == 0, caseops.stderr
+    assert caseops.stdout.splitlines()[-1] == "DATASET=docs_sp1024_caseops" and prepare_calls(shell_copy)[-1]["caseops"] is True
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DATASET": "mine"}, "DATASET=mine and DOCS are both set, but DOCS builds docs_sp1024; unset DATASET (or set DATASET=docs_sp1024)"),
+    ({"CASEOPS": "yes"}, "CASEOPS=yes must be 0 or 1"),
+    ({"VAL_DOCS": "3e2"}, "VAL_DOCS=3e2 must be a whole number of documents"),
+    ({"TOKENIZER_PATH": "nope.model"}, "TOKENIZER_PATH=nope.model does not exist; point it at a sentencepiece .model or unset it"),
+    ({"manifest": None}, "./data/datasets/docs_sp1024 has no manifest.json, so what it was built from is unknown; "
+                         "delete it to rebuild it (rm -r ./data/datasets/docs_sp1024), or use another DATA_DIR"),
+])
+def test_run_sh_docs_settings_errors(shell_copy, env, message):
+    (shell_copy / "docs.jsonl").write_text('{"text": "hello"}\n')
+    if "manifest" in env:  # a dataset folder whose origin cannot be checked
+        (shell_copy / "data" / "datasets" / "docs_sp1024").mkdir(parents=True)
+        env = {}
+    result = prepare_data(shell_copy, DOCS="docs.jsonl", **env)
+    assert (result.returncode, result.stderr) == (1, f"run.sh: error: {message}\n")
