@@ -600,13 +600,26 @@ def count_validation_bytes(val_tokens: Tensor, tables: ByteTables) -> int:
 # ==================================================================================================
 # Model
 # ==================================================================================================
-def select_attention_backend(device: torch.device) -> str:
-    """FA3 when installed, else SDPA with the cuDNN backend on CUDA, else SDPA's default (CPU)."""
+def select_attention_backend(device: torch.device, unavailable: list[str] | None = None) -> str:
+    """The first that works of: FA3 (flash_attn_interface); FA4 (pip install flash-attn-4) run as SDPA's
+    flash backend through torch's flash-attention registry, which this activates; SDPA with the cuDNN
+    backend. SDPA's default on CPU. Why each skipped one is unusable is appended to `unavailable`."""
+    unavailable = [] if unavailable is None else unavailable
+    if device.type != "cuda":
+        return "sdpa"
     try:
         import flash_attn_interface  # noqa: F401
         return "fa3"
-    except ImportError:
-        return "sdpa_cudnn" if device.type == "cuda" else "sdpa"
+    except ImportError as e:
+        unavailable.append(f"fa3: {e}")
+    try:
+        import flash_attn.cute  # noqa: F401
+        from torch.nn.attention import activate_flash_attention_impl
+        activate_flash_attention_impl("FA4")
+        return "sdpa_fa4"
+    except Exception as e:  # not installed, a broken install (cutlass.cute missing), or an older torch
+        unavailable.append(f"fa4: {type(e).__name__}: {e}")
+    return "sdpa_cudnn"
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
@@ -617,10 +630,11 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
         return out[0] if isinstance(out, tuple) else out
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.size(1) != k.size(1)
-    if backend == "sdpa_cudnn":
+    if backend in ("sdpa_cudnn", "sdpa_fa4"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
         # cuDNN takes GQA natively (measured on H100: 396 TFLOP/s forward vs 273 with repeated K/V).
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        fa4 = backend == "sdpa_fa4"  # FA4 alone: no silent fallback to another kernel
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if fa4 else [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -2286,8 +2300,10 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
         + (f" ({torch.cuda.get_device_name(runtime.device)})" if runtime.device.type == "cuda" else ""))
     for name, value in h.as_dict().items():
         log(f"  {name}={value}")
-    backend = select_attention_backend(runtime.device)
-    log(f"attention_backend:{backend} kernels:{kernel_path(h, runtime.device)}")
+    unavailable: list[str] = []
+    backend = select_attention_backend(runtime.device, unavailable)
+    log(f"attention_backend:{backend} kernels:{kernel_path(h, runtime.device)}"
+        + "".join(f"\n  attention {reason}" for reason in unavailable))
 
     sp = load_tokenizer(h.tokenizer_file, h.vocab_size)
     tables = build_byte_tables(sp, h.vocab_size)
