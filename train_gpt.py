@@ -19,7 +19,7 @@ import contextlib
 import copy
 import functools
 import glob
-import importlib.util
+import importlib.metadata
 import io
 import json
 import linecache
@@ -823,7 +823,11 @@ def softcap_cross_entropy(z: Tensor, target_ids: Tensor, cap_pos: Tensor, cap_ne
 # torch.compile sees one opaque op with a shape function instead of tracing into Triton.
 # --------------------------------------------------------------------------------------------------
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Triton >= 3.4 is installed (host-side TMA descriptors, autotune result caching); not imported here."""
+    try:
+        return tuple(int(p) for p in importlib.metadata.version("triton").split(".")[:2]) >= (3, 4)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
 
 
 def fused_kernels_enabled(h: Hyperparameters) -> bool:
@@ -839,7 +843,7 @@ def kernel_path(h: Hyperparameters, device: torch.device) -> str:
     if h.fused_kernels == "off":
         return "torch (FUSED_KERNELS=off)"
     if not triton_available():
-        return "torch (triton not installed: pip install triton)"
+        return "torch (no triton >= 3.4: pip install triton)"
     return "triton" if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch (no CUDA)"
 
 
@@ -888,6 +892,7 @@ def triton_kernels():
 
     def mlp(a: Tensor, b: Tensor, pre: Tensor | None, write_pre: bool) -> tuple[Tensor, Tensor, Tensor]:
         """(post, pre, dpre) for a [M, K] and b [N, K]; pre given = backward. Unused outputs are empty."""
+        a, b = ((t if t.data_ptr() % 16 == 0 else t.clone()) for t in (a.contiguous(), b.contiguous()))  # TMA
         (M, K), N = a.shape, b.size(0)
         backward = pre is not None
         post = a.new_empty(M, N)
@@ -899,8 +904,8 @@ def triton_kernels():
         return post, pre, dpre
 
     # The softcap in the kernels: c = cap_pos if x > 0 else cap_neg, u = x/c, e = exp(-2|u|) (no
-    # overflow); tanh(u) = sign(u)(1-e)/(1+e), sech(u)^2 = 4e/(1+e)^2. Written out in each kernel:
-    # the interpreter cannot call a nested jit helper.
+    # overflow); tanh(u) = sign(u)(1-e)/(1+e), sech(u)^2 = 4e/(1+e)^2. Written out in each kernel
+    # (the interpreter cannot call a nested jit helper).
     ce_configs = [triton.Config(dict(BLOCK=b), num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8), (8192, 16))]
 
     @triton.autotune(ce_configs[: 1 if interpret else None], key=["V", "HAS_HINT"], cache_results=True)
@@ -912,14 +917,14 @@ def triton_kernels():
         row = tl.program_id(0).to(tl.int64)
         z_row = z + row * stride
         cap_pos, cap_neg = tl.load(cap_pos_ptr).to(tl.float32), tl.load(cap_neg_ptr).to(tl.float32)
+        inv_pos, inv_neg = 1.0 / cap_pos, 1.0 / cap_neg
         target, hint = tl.load(targets + row), tl.load(hints + row)
         m, s, z_target, z_hint = -float("inf"), 0.0, 0.0, 0.0  # running max, sum of exp(zc - m)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-            c = tl.where(x > 0, cap_pos, cap_neg)
-            e = tl.exp(-2.0 * tl.abs(x / c))
-            zc = tl.where(cols < V, tl.where(x > 0, c, -c) * (1.0 - e) / (1.0 + e), -float("inf"))
+            e = tl.exp(-2.0 * tl.abs(x) * tl.where(x > 0, inv_pos, inv_neg))
+            zc = tl.where(cols < V, tl.where(x > 0, cap_pos, -cap_neg) * (1.0 - e) / (1.0 + e), -float("inf"))
             m_new = tl.maximum(m, tl.max(zc, 0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zc - m_new), 0)
             m = m_new
@@ -941,13 +946,14 @@ def triton_kernels():
         row = tl.program_id(0).to(tl.int64)
         z_row, dz_row = z + row * stride, dz + row * stride
         cap_pos, cap_neg = tl.load(cap_pos_ptr).to(tl.float32), tl.load(cap_neg_ptr).to(tl.float32)
+        inv_pos, inv_neg = 1.0 / cap_pos, 1.0 / cap_neg
         g, lse, target = tl.load(grad_nll + row), tl.load(lse_in + row), tl.load(targets + row)
         dcap_pos, dcap_neg = tl.zeros([BLOCK], tl.float32), tl.zeros([BLOCK], tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
             c = tl.where(x > 0, cap_pos, cap_neg)
-            u = x / c
+            u = x * tl.where(x > 0, inv_pos, inv_neg)
             e = tl.exp(-2.0 * tl.abs(u))
             tanh, sech2 = tl.where(x > 0, 1.0 - e, e - 1.0) / (1.0 + e), 4.0 * e / ((1.0 + e) * (1.0 + e))
             dzc = g * (tl.exp(c * tanh - lse) - tl.where(cols == target, 1.0, 0.0))
@@ -964,7 +970,7 @@ def triton_kernels():
 @torch.library.custom_op("pgolf::mlp_up", mutates_args=(), device_types=None)
 def mlp_up(x: Tensor, w_up: Tensor, write_pre: bool) -> tuple[Tensor, Tensor]:
     """(post, pre) = (leaky_relu(x @ w_up^T, 0.5)^2, x @ w_up^T); pre is empty unless write_pre."""
-    post, pre, _ = triton_kernels()["mlp"](x.contiguous(), w_up.contiguous(), None, write_pre)
+    post, pre, _ = triton_kernels()["mlp"](x, w_up, None, write_pre)
     return post, pre
 
 
@@ -976,7 +982,7 @@ def _(x, w_up, write_pre):
 @torch.library.custom_op("pgolf::mlp_act_grad", mutates_args=(), device_types=None)
 def mlp_act_grad(dy: Tensor, w_down: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
     """(dpre, post): dpre = (dy @ w_down) * act'(pre), and post = act(pre) recomputed."""
-    post, _, dpre = triton_kernels()["mlp"](dy.contiguous(), w_down.t().contiguous(), pre, False)
+    post, _, dpre = triton_kernels()["mlp"](dy, w_down.t(), pre, False)
     return dpre, post
 
 

@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
+from kernel_check import median_ms  # noqa: E402
 
 B, T, H, KV, D = int(os.environ.get("AP_BATCH", "64")), 2048, 8, 4, 64
 REPS = int(os.environ.get("AP_REPS", "10"))
@@ -48,19 +49,6 @@ def fa4(q, k, v):
 
 def sdpa_fa4(q, k, v):  # torch's flash-attention registry with FA4 activated (what train_gpt selects)
     return tg.causal_attention(q, k, v, "sdpa_fa4")
-
-
-def median_ms(fn) -> float:
-    fn()
-    times = []
-    for _ in range(REPS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def inputs(seed, batch):
@@ -102,8 +90,8 @@ def probe(name, fn) -> str:
         fn(q, k, v).backward(grad)
         torch.cuda.synchronize()
         first = time.perf_counter() - t0
-        fwd = median_ms(lambda: torch.no_grad()(fn)(q, k, v))
-        both = median_ms(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad))
+        fwd = median_ms(lambda: torch.no_grad()(fn)(q, k, v), REPS)
+        both = median_ms(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad), REPS)
         return (f"{name:<11}{fwd:>8.2f}{FLOPS_FWD / fwd / 1e9:>7.0f}{both:>9.2f}{3.5 * FLOPS_FWD / both / 1e9:>7.0f}"
                 f"{first:>8.1f}  {errors(fn):<32}{compiles(fn)}")
     except Exception as e:
@@ -138,7 +126,7 @@ def varlen_probe() -> list[str]:
             out = fn()
             out = out[0] if isinstance(out, tuple) else out
             err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-            lines.append(f"  {name:<18} fwd {median_ms(fn):7.3f} ms  rel err {err:.1e}")
+            lines.append(f"  {name:<18} fwd {median_ms(fn, REPS):7.3f} ms  rel err {err:.1e}")
         except Exception as e:
             lines.append(f"  {name:<18} FAILED {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}")
     return lines

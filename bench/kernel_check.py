@@ -26,7 +26,6 @@ REPS = int(os.environ.get("KC_REPS", "20"))
 DIM, HIDDEN, VOCAB = 512, 2048, 8192
 DEV = torch.device("cuda")
 failures = []
-rows_out = []
 
 
 def poison() -> None:
@@ -47,7 +46,7 @@ def rel_err(t, ref) -> float:
 def check(name: str, kernel, plain, ref, tol: float) -> None:
     k, p = rel_err(kernel, ref), rel_err(plain, ref)
     ok = k <= 2 * p + tol
-    rows_out.append(f"{name:<26}{k:>12.2e}{p:>12.2e}   {'ok' if ok else 'FAIL'}")
+    print(f"{name:<30}{k:>12.2e}{p:>12.2e}   {'ok' if ok else 'FAIL'}", flush=True)
     if not ok:
         failures.append(name)
 
@@ -119,11 +118,12 @@ def check_ce() -> None:
         torch.cuda.empty_cache()
 
 
-def median_ms(fn) -> float:
+def median_ms(fn, reps: int = REPS) -> float:
+    """Median of `reps` timed calls (CUDA events) after 3 untimed ones."""
     for _ in range(3):
         fn()
     times = []
-    for _ in range(REPS):
+    for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -142,7 +142,7 @@ def peak_gib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def timings() -> list[str]:
+def timings() -> None:
     x, w_up, w_down, grad = mlp_inputs(7)
     leaves = [t.clone().requires_grad_() for t in (x, w_up, w_down)]
     compiled_mlp = torch.compile(plain_mlp, dynamic=False)
@@ -167,13 +167,13 @@ def timings() -> list[str]:
         f"ce fwd+bwd [{ROWS}x{VOCAB}]": [train(ce=c) for c in (fused_ce, compiled_ce, plain_ce)],
         "ce fwd, no grad (eval)": [infer(c, z, targets, *caps) for c in (fused_ce, compiled_ce, plain_ce)],
     }
-    lines = [f"{'timing (median ms)':<34}{'kernel':>9}{'compiled':>10}{'eager':>9}{'speedup':>9}"
-             f"{'GiB kernel':>12}{'compiled':>10}"]
+    print(f"{'timing (median ms)':<34}{'kernel':>9}{'compiled':>10}{'eager':>9}{'speedup':>9}"
+          f"{'GiB kernel':>12}{'compiled':>10}")
     for name, (kernel, compiled, eager) in cases.items():
         ms = [median_ms(f) for f in (kernel, compiled, eager)]
         mem = [peak_gib(f) for f in (kernel, compiled)]
-        lines.append(f"{name:<34}{ms[0]:>9.3f}{ms[1]:>10.3f}{ms[2]:>9.3f}{ms[1] / ms[0]:>8.2f}x{mem[0]:>12.2f}{mem[1]:>10.2f}")
-    return lines
+        print(f"{name:<34}{ms[0]:>9.3f}{ms[1]:>10.3f}{ms[2]:>9.3f}{ms[1] / ms[0]:>8.2f}x{mem[0]:>12.2f}{mem[1]:>10.2f}",
+              flush=True)
 
 
 def compiled_modules() -> list[str]:
@@ -224,11 +224,10 @@ def main() -> None:
     assert torch.cuda.is_available(), "kernel_check needs a CUDA GPU"
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} "
           f"triton {__import__('triton').__version__}; {TRIALS} trials, {ROWS} rows")
+    print(f"{'check (rel. max err)':<30}{'kernel':>12}{'plain bf16':>12}")
     check_mlp()
     check_ce()
-    print(f"{'check (rel. max err)':<26}{'kernel':>12}{'plain bf16':>12}")
-    print("\n".join(rows_out))
-    print("\n".join(timings()))
+    timings()
     print("\n".join(compiled_modules()))
     kernels = tg.triton_kernels()
     for name in ("mlp_matmul", "ce_forward", "ce_backward"):
