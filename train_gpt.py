@@ -18,10 +18,13 @@ import ast
 import contextlib
 import copy
 import datetime
+import functools
 import glob
 import hashlib
+import importlib.metadata
 import io
 import json
+import linecache
 import math
 import os
 import queue
@@ -177,6 +180,7 @@ class Hyperparameters:
             self.val_loss_every = env_int("VAL_LOSS_EVERY", 0, "plain validation every N steps during training; 0 = only at the end", min_value=0)
             self.train_log_every = env_int("TRAIN_LOG_EVERY", 50, "log a step line every N steps", min_value=1)
             self.enable_looping_at = env_float("ENABLE_LOOPING_AT", 0.35, "fraction of training after which recurrence is on", min_value=0, max_value=1)
+            self.fused_kernels = env_str("FUSED_KERNELS", "auto", "Triton kernels for the MLP and the softcapped cross-entropy: auto (on CUDA when triton imports) or off", ("auto", "off"))
             self.compile = env_str("COMPILE", "auto", "torch.compile: auto (regional on CUDA, off on CPU), regional, full, none", ("auto", "regional", "full", "none"))
 
         with config_section("model"):  # stored in the artifact
@@ -760,15 +764,26 @@ def validation_target_bytes(dataset_dir: str, val_tokens: Tensor, tables: ByteTa
 # ==================================================================================================
 # Model
 # ==================================================================================================
-def select_attention_backend(device: torch.device) -> str:
-    """On CUDA: FA3 when installed, else SDPA with the cuDNN backend. On CPU: SDPA's default."""
+def select_attention_backend(device: torch.device, unavailable: list[str] | None = None) -> str:
+    """The first that works of: FA3 (flash_attn_interface); FA4 (pip install flash-attn-4) run as SDPA's
+    flash backend through torch's flash-attention registry, which this activates; SDPA with the cuDNN
+    backend. SDPA's default on CPU. Why each skipped one is unusable is appended to `unavailable`."""
+    unavailable = [] if unavailable is None else unavailable
     if device.type != "cuda":
         return "sdpa"
     try:
         import flash_attn_interface  # noqa: F401
         return "fa3"
-    except ImportError:
-        return "sdpa_cudnn"
+    except ImportError as e:
+        unavailable.append(f"fa3: {e}")
+    try:
+        import flash_attn.cute  # noqa: F401
+        from torch.nn.attention import activate_flash_attention_impl
+        activate_flash_attention_impl("FA4")
+        return "sdpa_fa4"
+    except Exception as e:  # not installed, a broken install (cutlass.cute missing), or an older torch
+        unavailable.append(f"fa4: {type(e).__name__}: {e}")
+    return "sdpa_cudnn"
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
@@ -779,10 +794,11 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
         return out[0] if isinstance(out, tuple) else out
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.size(1) != k.size(1)
-    if backend == "sdpa_cudnn":
+    if backend in ("sdpa_cudnn", "sdpa_fa4"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
         # cuDNN takes GQA natively (measured on H100: 396 TFLOP/s forward vs 273 with repeated K/V).
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        fa4 = backend == "sdpa_fa4"  # FA4 alone: no silent fallback to another kernel
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if fa4 else [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -907,8 +923,12 @@ class MLP(nn.Module):
         super().__init__()
         self.up = CastedLinear(h.model_dim, h.mlp_mult * h.model_dim, "mlp")
         self.down = CastedLinear(h.mlp_mult * h.model_dim, h.model_dim, "mlp", zero_init=True)
+        self.fused = fused_kernels_enabled(h) and h.model_dim % 8 == 0  # TMA: 16-byte aligned rows
 
     def forward(self, x: Tensor) -> Tensor:
+        # GPTQ calibration hooks the two linears' inputs: those calls take the plain path.
+        if self.fused and triton_runs_on(x) and not (self.up._forward_hooks or self.down._forward_hooks):
+            return fused_leaky_relu_square_mlp(x, self.up.weight.to(x.dtype), self.down.weight.to(x.dtype))
         return self.down(F.leaky_relu(self.up(x), negative_slope=0.5).square())
 
 
@@ -976,10 +996,14 @@ def softcap(z: Tensor, cap_pos: Tensor, cap_neg: Tensor) -> Tensor:
 
 
 def softcap_cross_entropy(z: Tensor, target_ids: Tensor, cap_pos: Tensor, cap_neg: Tensor,
-                          hint_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                          hint_ids: Tensor | None = None, fused: bool = False) -> tuple[Tensor, Tensor | None]:
     """Per-token fp32 loss of softcapped logits: nll = logsumexp(zc) - zc[target], zc = softcap(z).
     z [N, V] raw logits (any float dtype), targets [N]; the caps are 0-dim tensors and receive
-    gradients. With hint_ids [N] it also returns -log p(hint) from the same distribution (no grad)."""
+    gradients. With hint_ids [N] it also returns -log p(hint) from the same distribution (no grad).
+    fused=True runs the Triton kernel (Kernels section) where Triton can run; this body is its reference."""
+    if fused and triton_runs_on(z):
+        nll, _, hint_nll = torch.ops.pgolf.softcap_ce(z.contiguous(), target_ids, cap_pos, cap_neg, hint_ids)
+        return nll, (None if hint_ids is None else hint_nll.detach())
     zc = softcap(z, cap_pos, cap_neg)
     lse = torch.logsumexp(zc, dim=-1)
     nll = lse - zc.gather(1, target_ids[:, None]).squeeze(1)
@@ -987,14 +1011,269 @@ def softcap_cross_entropy(z: Tensor, target_ids: Tensor, cap_pos: Tensor, cap_ne
     return nll, hint_nll
 
 
+# --------------------------------------------------------------------------------------------------
+# Kernels (Triton): fused LeakyReLU(0.5)^2 MLP and fused softcapped cross-entropy. Each replaces a
+# plain PyTorch expression that stays the CPU path and the tests' reference:
+#   MLP.forward:            y = down(leaky_relu(up(x), 0.5)^2)
+#   softcap_cross_entropy:  nll = logsumexp(zc) - zc[target], zc = softcap(z)
+# They run where Triton can run them (CUDA tensors; any tensor under TRITON_INTERPRET=1) unless
+# FUSED_KERNELS=off. Triton is imported on first use. The launches sit inside torch.library ops, so
+# torch.compile sees one opaque op with a shape function instead of tracing into Triton.
+# --------------------------------------------------------------------------------------------------
+def triton_available() -> bool:
+    """Triton >= 3.4 is installed (host-side TMA descriptors, autotune result caching); not imported here."""
+    try:
+        return tuple(int(p) for p in importlib.metadata.version("triton").split(".")[:2]) >= (3, 4)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+
+
+def fused_kernels_enabled(h: Hyperparameters) -> bool:
+    return h.fused_kernels == "auto" and triton_available()
+
+
+def triton_runs_on(x: Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_path(h: Hyperparameters, device: torch.device) -> str:
+    """The path the MLP and the cross-entropy take on this device, for the log."""
+    if h.fused_kernels == "off":
+        return "torch (FUSED_KERNELS=off)"
+    if not triton_available():
+        return "torch (no triton >= 3.4: pip install triton)"
+    return "triton" if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch (no CUDA)"
+
+
+@functools.cache
+def triton_kernels():
+    """The Triton kernels, defined (and JIT-compiled per shape) on first use."""
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    if "SHIPPED_SOURCE" in globals():  # the shipped copy runs exec'd text: let Triton's inspect read it
+        linecache.cache["<string>"] = (len(SHIPPED_SOURCE), None, SHIPPED_SOURCE.splitlines(True), "<string>")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"  # one config: autotuning needs a GPU
+
+    def tile_shapes(args):  # autotune pre-hook: the TMA descriptors take the tile of the config run
+        args["a"].block_shape, args["b"].block_shape = [args["BM"], args["BK"]], [args["BN"], args["BK"]]
+        for name in ("pre", "post", "dpre"):
+            args[name].block_shape = [args["BM"], args["BN"]]
+
+    @triton.autotune([triton.Config(dict(BM=bm, BN=bn, BK=64, GROUP_M=8), num_stages=st, num_warps=w, pre_hook=tile_shapes)
+                      for bm, bn, st, w in ((128, 128, 4, 8), (128, 256, 3, 8), (128, 128, 3, 4), (64, 256, 4, 4))
+                      ][: 1 if interpret else None], key=["N", "K", "BACKWARD", "WRITE_PRE"], cache_results=True)
+    @triton.jit
+    def mlp_matmul(a, b, pre, post, dpre, M, N, K: tl.constexpr, BACKWARD: tl.constexpr, WRITE_PRE: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        """acc = a @ b^T on one [BM, BN] tile (tiles visited in bands of GROUP_M rows so b stays in L2).
+        Forward: pre = acc, post = leaky(pre)^2. Backward (acc = dL/dpost, pre read back):
+        dpre = acc * (2 pre if pre > 0 else pre / 2), and post recomputed for the down weight's grad."""
+        pid, num_n = tl.program_id(0), tl.cdiv(N, BN)
+        first_m = pid // (GROUP_M * num_n) * GROUP_M
+        band_rows = tl.minimum(tl.cdiv(M, BM) - first_m, GROUP_M)
+        om = (first_m + pid % (GROUP_M * num_n) % band_rows) * BM
+        on = (pid % (GROUP_M * num_n) // band_rows) * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            acc = tl.dot(a.load([om, k]), b.load([on, k]).T, acc)
+        if BACKWARD:
+            h = pre.load([om, on]).to(tl.float32)
+            dpre.store([om, on], (acc * tl.where(h > 0, 2.0 * h, 0.5 * h)).to(dpre.dtype))
+        else:
+            h = acc.to(post.dtype)  # pre is rounded like the plain path's linear output
+            if WRITE_PRE:
+                pre.store([om, on], h)
+            h = h.to(tl.float32)
+        act = tl.where(h > 0, h, 0.5 * h)
+        post.store([om, on], (act * act).to(post.dtype))
+
+    def mlp(a: Tensor, b: Tensor, pre: Tensor | None, write_pre: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(post, pre, dpre) for a [M, K] and b [N, K]; pre given = backward. Unused outputs are empty."""
+        a, b = ((t if t.data_ptr() % 16 == 0 else t.clone()) for t in (a.contiguous(), b.contiguous()))  # TMA
+        (M, K), N = a.shape, b.size(0)
+        backward = pre is not None
+        post = a.new_empty(M, N)
+        pre = pre if backward else a.new_empty(M, N) if write_pre else a.new_empty(0)
+        dpre = a.new_empty(M, N) if backward else a.new_empty(0)
+        desc = [TensorDescriptor.from_tensor(t if t.numel() else post, [1, 1]) for t in (a, b, pre, post, dpre)]
+        grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+        mlp_matmul[grid](*desc, M, N, K, BACKWARD=backward, WRITE_PRE=write_pre)
+        return post, pre, dpre
+
+    # The softcap in the kernels: c = cap_pos if x > 0 else cap_neg, u = x/c, e = exp(-2|u|) (no
+    # overflow); tanh(u) = sign(u)(1-e)/(1+e), sech(u)^2 = 4e/(1+e)^2. Written out in each kernel
+    # (the interpreter cannot call a nested jit helper).
+    ce_configs = [triton.Config(dict(BLOCK=b), num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8), (8192, 16))]
+
+    @triton.autotune(ce_configs[: 1 if interpret else None], key=["V", "HAS_HINT"], cache_results=True)
+    @triton.jit
+    def ce_forward(z, targets, hints, cap_pos_ptr, cap_neg_ptr, nll, lse_out, hint_nll, V: tl.constexpr, stride,
+                   HAS_HINT: tl.constexpr, BLOCK: tl.constexpr):
+        """One row in one read of z: lse = logsumexp(zc) by an online max/sum over chunks of BLOCK;
+        zc[target] and zc[hint] are picked up on the way."""
+        row = tl.program_id(0).to(tl.int64)
+        z_row = z + row * stride
+        cap_pos, cap_neg = tl.load(cap_pos_ptr).to(tl.float32), tl.load(cap_neg_ptr).to(tl.float32)
+        inv_pos, inv_neg = 1.0 / cap_pos, 1.0 / cap_neg
+        target, hint = tl.load(targets + row), tl.load(hints + row)
+        m, s, z_target, z_hint = -float("inf"), 0.0, 0.0, 0.0  # running max, sum of exp(zc - m)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+            e = tl.exp(-2.0 * tl.abs(x) * tl.where(x > 0, inv_pos, inv_neg))
+            zc = tl.where(cols < V, tl.where(x > 0, cap_pos, -cap_neg) * (1.0 - e) / (1.0 + e), -float("inf"))
+            m_new = tl.maximum(m, tl.max(zc, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zc - m_new), 0)
+            m = m_new
+            z_target += tl.sum(tl.where(cols == target, zc, 0.0), 0)
+            if HAS_HINT:
+                z_hint += tl.sum(tl.where(cols == hint, zc, 0.0), 0)
+        lse = m + tl.log(s)
+        tl.store(lse_out + row, lse)
+        tl.store(nll + row, lse - z_target)
+        if HAS_HINT:
+            tl.store(hint_nll + row, lse - z_hint)
+
+    @triton.autotune(ce_configs[: 1 if interpret else None], key=["V"], cache_results=True)
+    @triton.jit
+    def ce_backward(z, targets, cap_pos_ptr, cap_neg_ptr, lse_in, grad_nll, dz, dcaps, N, V: tl.constexpr, stride,
+                    BLOCK: tl.constexpr):
+        """One row, zc recomputed from z: dnll/dzc = g (softmax(zc) - onehot(target)); dz = dzc sech^2(u);
+        dcap = dzc d(c tanh(x/c))/dc = dzc (tanh(u) - u sech^2(u)), summed per row for each cap."""
+        row = tl.program_id(0).to(tl.int64)
+        z_row, dz_row = z + row * stride, dz + row * stride
+        cap_pos, cap_neg = tl.load(cap_pos_ptr).to(tl.float32), tl.load(cap_neg_ptr).to(tl.float32)
+        inv_pos, inv_neg = 1.0 / cap_pos, 1.0 / cap_neg
+        g, lse, target = tl.load(grad_nll + row), tl.load(lse_in + row), tl.load(targets + row)
+        dcap_pos, dcap_neg = tl.zeros([BLOCK], tl.float32), tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+            c = tl.where(x > 0, cap_pos, cap_neg)
+            u = x * tl.where(x > 0, inv_pos, inv_neg)
+            e = tl.exp(-2.0 * tl.abs(u))
+            tanh, sech2 = tl.where(x > 0, 1.0 - e, e - 1.0) / (1.0 + e), 4.0 * e / ((1.0 + e) * (1.0 + e))
+            dzc = g * (tl.exp(c * tanh - lse) - tl.where(cols == target, 1.0, 0.0))
+            tl.store(dz_row + cols, (dzc * sech2).to(dz.dtype.element_ty), mask=cols < V)
+            dcap = tl.where(cols < V, dzc * (tanh - u * sech2), 0.0)
+            dcap_pos += tl.where(x > 0, dcap, 0.0)
+            dcap_neg += tl.where(x > 0, 0.0, dcap)
+        tl.store(dcaps + row, tl.sum(dcap_pos, 0))
+        tl.store(dcaps + N + row, tl.sum(dcap_neg, 0))
+
+    return dict(mlp=mlp, mlp_matmul=mlp_matmul, ce_forward=ce_forward, ce_backward=ce_backward)
+
+
+@torch.library.custom_op("pgolf::mlp_up", mutates_args=(), device_types=None)
+def mlp_up(x: Tensor, w_up: Tensor, write_pre: bool) -> tuple[Tensor, Tensor]:
+    """(post, pre) = (leaky_relu(x @ w_up^T, 0.5)^2, x @ w_up^T); pre is empty unless write_pre."""
+    post, pre, _ = triton_kernels()["mlp"](x, w_up, None, write_pre)
+    return post, pre
+
+
+@mlp_up.register_fake
+def _(x, w_up, write_pre):
+    return x.new_empty(x.size(0), w_up.size(0)), x.new_empty((x.size(0), w_up.size(0)) if write_pre else (0,))
+
+
+@torch.library.custom_op("pgolf::mlp_act_grad", mutates_args=(), device_types=None)
+def mlp_act_grad(dy: Tensor, w_down: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
+    """(dpre, post): dpre = (dy @ w_down) * act'(pre), and post = act(pre) recomputed."""
+    post, _, dpre = triton_kernels()["mlp"](dy, w_down.t(), pre, False)
+    return dpre, post
+
+
+@mlp_act_grad.register_fake
+def _(dy, w_down, pre):
+    return torch.empty_like(pre), torch.empty_like(pre)
+
+
+class FusedLeakyReLUSquareMLP(torch.autograd.Function):
+    """y = down(leaky_relu(x @ up^T, 0.5)^2) with the activation in the matmul epilogues; keeps only
+    pre (as the plain path under compile does) and recomputes post in the backward kernel."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+        post, pre = torch.ops.pgolf.mlp_up(x, w_up, True)
+        ctx.save_for_backward(x, w_up, w_down, pre)
+        return F.linear(post, w_down)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, w_up, w_down, pre = ctx.saved_tensors
+        dpre, post = torch.ops.pgolf.mlp_act_grad(dy, w_down, pre)
+        return dpre @ w_up, dpre.t() @ x, dy.t() @ post
+
+
+def fused_leaky_relu_square_mlp(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+    """MLP.forward's expression through the Triton kernels; x [..., d], weights in x's dtype."""
+    flat = x.reshape(-1, x.size(-1))
+    if torch.is_grad_enabled() and (x.requires_grad or w_up.requires_grad or w_down.requires_grad):
+        y = FusedLeakyReLUSquareMLP.apply(flat, w_up, w_down)
+    else:  # no backward to come: pre is not written
+        y = F.linear(torch.ops.pgolf.mlp_up(flat, w_up, False)[0], w_down)
+    return y.view(*x.shape[:-1], w_down.size(0))
+
+
+@torch.library.custom_op("pgolf::softcap_ce", mutates_args=(), device_types=None)
+def softcap_ce(z: Tensor, target_ids: Tensor, cap_pos: Tensor, cap_neg: Tensor,
+               hint_ids: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(nll, lse, hint_nll) per row of z [N, V] (contiguous); hint_nll is empty without hints."""
+    N, V = z.shape
+    nll, lse = (torch.empty(N, device=z.device) for _ in range(2))
+    hint_nll = torch.empty(N if hint_ids is not None else 0, device=z.device)
+    triton_kernels()["ce_forward"][(N,)](z, target_ids, target_ids if hint_ids is None else hint_ids, cap_pos, cap_neg,
+                                         nll, lse, hint_nll, V, z.stride(0), HAS_HINT=hint_ids is not None)
+    return nll, lse, hint_nll
+
+
+@softcap_ce.register_fake
+def _(z, target_ids, cap_pos, cap_neg, hint_ids):
+    N = z.size(0)
+    return (z.new_empty(N, dtype=torch.float32), z.new_empty(N, dtype=torch.float32),
+            z.new_empty(N if hint_ids is not None else 0, dtype=torch.float32))
+
+
+@torch.library.custom_op("pgolf::softcap_ce_backward", mutates_args=(), device_types=None)
+def softcap_ce_backward(z: Tensor, target_ids: Tensor, cap_pos: Tensor, cap_neg: Tensor, lse: Tensor,
+                        grad_nll: Tensor) -> tuple[Tensor, Tensor]:
+    """(dz, dcaps [2]) of sum(grad_nll * nll): one more pass over z, no fp32 [N, V] tensor."""
+    N, V = z.shape
+    dz, dcaps = torch.empty_like(z), torch.empty(2, N, device=z.device)
+    triton_kernels()["ce_backward"][(N,)](z, target_ids, cap_pos, cap_neg, lse, grad_nll.float().contiguous(),
+                                          dz, dcaps, N, V, z.stride(0))
+    return dz, dcaps.sum(dim=1)
+
+
+@softcap_ce_backward.register_fake
+def _(z, target_ids, cap_pos, cap_neg, lse, grad_nll):
+    return torch.empty_like(z), z.new_empty(2, dtype=torch.float32)
+
+
+def _softcap_ce_setup(ctx, inputs, output) -> None:
+    z, target_ids, cap_pos, cap_neg, _ = inputs
+    ctx.save_for_backward(z, target_ids, cap_pos, cap_neg, output[1])
+
+
+def _softcap_ce_grad(ctx, grad_nll, grad_lse, grad_hint):
+    z, target_ids, cap_pos, cap_neg, lse = ctx.saved_tensors
+    dz, dcaps = torch.ops.pgolf.softcap_ce_backward(z, target_ids, cap_pos, cap_neg, lse, grad_nll)
+    return dz, None, dcaps[0].to(cap_pos.dtype).view_as(cap_pos), dcaps[1].to(cap_neg.dtype).view_as(cap_neg), None
+
+
+softcap_ce.register_autograd(_softcap_ce_grad, setup_context=_softcap_ce_setup)
+# ------------------------------------------------------------------------------------ end of Kernels
+
+
 class SoftcapHead(nn.Module):
     """Tied output head and loss: logits = softcap(h @ E^T) in fp32 (the matmul in the activations'
     dtype); per-token cross-entropy if targets are given. A parameterless module (E and the caps are
     passed in) so that it can be compiled on its own."""
 
-    def __init__(self, softcap: float) -> None:
+    def __init__(self, softcap: float, fused: bool = False) -> None:
         super().__init__()
-        self.softcap = softcap
+        self.softcap, self.fused = softcap, fused
 
     def forward(self, hidden: Tensor, embedding: Tensor, target_ids: Tensor | None, reduction: str,
                 hint_ids: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
@@ -1005,7 +1284,7 @@ class SoftcapHead(nn.Module):
         if hint_ids is not None and reduction != "none":
             raise ValueError(f"hint_ids need reduction='none' (got {reduction!r}): the hint nll is per token")
         nll, hint_nll = softcap_cross_entropy(z.flatten(0, 1), target_ids.flatten(), cap, cap,
-                                              None if hint_ids is None else hint_ids.flatten())
+                                              None if hint_ids is None else hint_ids.flatten(), fused=self.fused)
         if reduction == "none":
             return nll.view_as(target_ids) if hint_ids is None else (nll.view_as(target_ids), hint_nll.view_as(hint_ids))
         return nll.sum() if reduction == "sum" else nll.mean()
@@ -1045,7 +1324,7 @@ class GPT(nn.Module):
         self.tok_emb.roles = {"weight": Role("embed", "embed", "head")}  # tied: its GPTQ Hessian is the head's input
         self.blocks = nn.ModuleList(Block(h, layer, backend) for layer in range(h.num_layers))
         self.final_norm = RMSNorm()
-        self.head = SoftcapHead(h.logit_softcap)
+        self.head = SoftcapHead(h.logit_softcap, fused=fused_kernels_enabled(h))
         num_skips = max(len(self.virtual_order(looping)) // 2 for looping in (False, True))
         declare(self, "skip_weights", torch.ones(num_skips, h.model_dim), SCALAR)
         declare(self, "skip_gates", torch.zeros(num_skips, h.model_dim), SCALAR)
@@ -2446,8 +2725,10 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
         + (f" ({torch.cuda.get_device_name(runtime.device)})" if runtime.device.type == "cuda" else ""))
     for name, value in h.as_dict().items():
         log(f"  {name}={value}")
-    backend = select_attention_backend(runtime.device)
-    log(f"attention_backend:{backend}")
+    unavailable: list[str] = []
+    backend = select_attention_backend(runtime.device, unavailable)
+    log(f"attention_backend:{backend} kernels:{kernel_path(h, runtime.device)}"
+        + "".join(f"\n  attention {reason}" for reason in unavailable))
 
     tokenizer_file = h.tokenizer_file
     log(f"dataset:{h.dataset_dir} tokenizer:{tokenizer_file}")

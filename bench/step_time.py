@@ -8,6 +8,7 @@ as train_gpt.py (defaults = the record config, global batch 786,432 tokens).
     torchrun --nproc_per_node=8 bench/step_time.py  # several (same global batch)
     BENCH_STEPS=20 BENCH_WARMUP=3 python bench/step_time.py
     BENCH_PROFILE=1 python bench/step_time.py       # + the top GPU kernels of one step (torch profiler)
+    FUSED_KERNELS=off python bench/step_time.py     # the plain PyTorch MLP and cross-entropy instead of Triton
 """
 import json
 import os
@@ -94,7 +95,8 @@ def main():
     sync = (lambda: torch.cuda.synchronize()) if runtime.device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     mode = tg.compile_model(model, h, runtime)
-    results = {"compile": mode, "attention_backend": backend, "world_size": runtime.world_size,
+    results = {"compile": mode, "attention_backend": backend, "kernels": tg.kernel_path(h, runtime.device),
+               "world_size": runtime.world_size,
                "grad_accum_steps": accum, "micro_batch_seqs": micro, "batch_tokens": h.train_batch_tokens}
     for looping in (False, True):
         model.looping = looping
@@ -124,7 +126,8 @@ def main():
         for key in ("noloop", "loop"):
             print(f"{key:<10}{results[key + '_ms_per_step']:>10.1f}{results[key + '_tok_s']:>12.0f}{results[key + '_mfu']:>8.1%}")
         print(f"compile+warmup {results['compile_warmup_s']:.1f}s  matmul peak {peak:.0f} TFLOP/s  "
-              f"peak mem {results.get('peak_memory_gib', float('nan')):.1f} GiB")
+              f"peak mem {results.get('peak_memory_gib', float('nan')):.1f} GiB  kernels: {results['kernels']}  "
+              f"attention: {backend}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -1,4 +1,5 @@
 """Model section: virtual layer order, XSA, partial RoPE, block formulas, skips, head."""
+import importlib.util
 import math
 
 import pytest
@@ -156,8 +157,13 @@ def test_head_softcap_and_reductions(monkeypatch):
     assert torch.allclose(per_token, F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="none").view_as(x))
 
 
-def test_cpu_uses_sdpa_backend():
-    assert tg.select_attention_backend(torch.device("cpu")) == "sdpa"  # FA3 is a CUDA kernel, even when installed
+def test_attention_backend_chain_says_why_each_is_skipped():
+    assert tg.select_attention_backend(torch.device("cpu")) == "sdpa"
+    if any(importlib.util.find_spec(m) for m in ("flash_attn_interface", "flash_attn")):
+        pytest.skip("FA3/FA4 installed here: the CUDA chain would pick one")
+    unavailable = []
+    assert tg.select_attention_backend(torch.device("cuda"), unavailable) == "sdpa_cudnn"
+    assert [reason.split(":")[0] for reason in unavailable] == ["fa3", "fa4"]
 
 
 def test_config_errors_name_the_variable(monkeypatch):
