@@ -184,7 +184,7 @@ class Hyperparameters:
         self.gptq_calibration_seqs = env_int("GPTQ_CALIBRATION_SEQS", 8, "training sequences per GPTQ calibration batch", min_value=1)
         self.gptq_block_size = env_int("GPTQ_BLOCK_SIZE", 128, "GPTQ column block", min_value=1)
         self.gptq_damp = env_float("GPTQ_DAMP", 0.01, "GPTQ damping as a fraction of mean(diag H)", min_value=0)
-        self.compressor = env_str("COMPRESSOR", "brotli", "artifact compressor", ("brotli", "zstd", "lzma"))
+        self.compressor = env_str("COMPRESSOR", "brotli", "artifact compressor; rans: numpy rANS with fitted tables for the ints", ("brotli", "zstd", "lzma", "rans"))
         self.artifact_target_bytes = env_int("ARTIFACT_TARGET_BYTES", 0, "total bytes to fit; 0 = 16,000,000", min_value=0)
 
         # Evaluation.
@@ -1140,8 +1140,8 @@ BUDGET_AIM = 0.998                   # aim 0.2% under the target: the size model
 BUDGET_TOLERANCE = 0.003             # accept any size in [target*(1-tol), target]
 BUDGET_ATTEMPTS = 4                  # GPTQ+compress rounds before settling for the best fit found
 COMPRESS_CHUNK_BYTES = 1 << 20       # independent chunks, compressed in parallel child processes
-COMPRESSOR_TAGS = {"brotli": b"B", "zstd": b"Z", "lzma": b"L"}
-COMPRESSOR_MODULES = {"brotli": "brotli", "zstd": "zstandard", "lzma": "lzma"}  # = pip package names
+COMPRESSOR_TAGS = {"brotli": b"B", "zstd": b"Z", "lzma": b"L", "rans": b"R"}
+COMPRESSOR_MODULES = {"brotli": "brotli", "zstd": "zstandard", "lzma": "lzma", "rans": "numpy"}  # = pip package names
 
 # The one place that sets compressor levels. It runs in a bare child interpreter per chunk: brotli
 # and lzma hold the GIL, and a `python -c` child starts in ~50 ms (no torch import).
@@ -1403,6 +1403,8 @@ def compress(data: bytes, compressor: str) -> bytes:
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
     require_compressor(compressor)
+    if compressor == "rans":
+        return rans_compress(data)
     chunks = [data[i : i + COMPRESS_CHUNK_BYTES] for i in range(0, len(data), COMPRESS_CHUNK_BYTES)] or [b""]
 
     def run_child(chunk: bytes) -> bytes:
@@ -1422,6 +1424,8 @@ def decompress(blob: bytes) -> bytes:
     compressor = next((name for name, tag in COMPRESSOR_TAGS.items() if blob[:1] == tag), None)
     if compressor is None:
         raise ValueError(f"not an artifact: unknown compressor tag {blob[:1]!r}")
+    if compressor == "rans":
+        return rans_decompress(blob)
     module = require_compressor(compressor)
     decode = module.ZstdDecompressor().decompress if compressor == "zstd" else module.decompress
     count = int.from_bytes(blob[1:5], "little")
@@ -1431,6 +1435,158 @@ def decompress(blob: bytes) -> bytes:
         parts.append(decode(blob[offset : offset + size]))
         offset += size
     return b"".join(parts)
+
+
+# rANS coder for the quantized ints (COMPRESSOR=rans; numpy only). Each int tensor's columns (or rows)
+# are clustered into k classes of similar value distributions (Lloyd on code length; k = 1 when classes
+# do not pay for their labels), each class gets a symbol table, and all ints go through one
+# interleaved rANS stream at ~the entropy under those tables. Header, fp16 section, labels and tables
+# go through lzma. Blob: b"R" | uint32 side length | lzma(side) | uint32 lane states | uint16 words.
+RANS_LANES = 2048                    # interleaved states: numpy steps = ints / lanes; 4 bytes each
+RANS_CLASSES = (1, 2, 4, 8)          # class counts tried per tensor and axis
+# Tables store each count as a code: exact below 16, else 3-bit mantissa (+-6%: < 0.1% more bits).
+COUNT_LEVELS = np.array(sorted(set(range(1, 16)) | {m << e for m in range(8, 16) for e in range(1, 26)}))
+
+
+def count_codes(counts: np.ndarray) -> np.ndarray:
+    """uint8 code per count: 0 = absent, else 1 + index of the nearest COUNT_LEVELS value (in log)."""
+    i = np.clip(np.searchsorted(COUNT_LEVELS, counts), 1, len(COUNT_LEVELS) - 1)
+    return np.where(counts > 0, i + 1 - (counts * counts < COUNT_LEVELS[i - 1] * COUNT_LEVELS[i]), 0).astype(np.uint8)
+
+
+def code_frequencies(codes: np.ndarray) -> np.ndarray:
+    """rANS frequencies [tables, symbols] summing to 2^16, >= 1 for every symbol present. Integer
+    arithmetic only, so that encoder and decoder agree on any machine."""
+    v = np.where(codes > 0, COUNT_LEVELS[np.maximum(codes.astype(np.int64) - 1, 0)], 0)
+    v[:, 0] += v.sum(1) == 0  # an empty class still needs a valid table
+    f = np.where(v > 0, np.maximum(v * 65536 // v.sum(1, keepdims=True), 1), 0)
+    f[np.arange(len(f)), v.argmax(1)] += 65536 - f.sum(1)
+    return f
+
+
+def fit_classes(sym: np.ndarray, alphabet: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(axis, labels, table codes) of the cheapest class model of an int tensor [R, C] of symbols
+    0..alphabet-1: classes of columns (axis 1) or rows (axis 0), k in RANS_CLASSES, by code length
+    + labels (log2 k bits each) + tables (~4 bits per entry after lzma)."""
+    best, values = None, np.arange(alphabet)
+    for axis in (1, 0):
+        lines = sym.shape[axis]
+        line_index = np.arange(lines)[None, :] if axis else np.arange(lines)[:, None]
+        hist = np.bincount((sym + alphabet * line_index).ravel(), minlength=lines * alphabet)
+        hist = hist.reshape(lines, alphabet).astype(np.float64)
+        spread = hist @ np.abs(values - hist.sum(0) @ values / max(sym.size, 1))  # sum |s - tensor mean| per line
+        for k in RANS_CLASSES:
+            labels = np.argsort(np.argsort(spread, kind="stable"), kind="stable") * k // max(lines, 1)
+            for _ in range(6 if k > 1 else 0):  # Lloyd: class tables, then each line to its cheapest class
+                counts = np.eye(k)[labels].T @ hist + 0.5
+                labels = np.argmin(hist @ -np.log2(counts / counts.sum(1, keepdims=True)).T, 1)
+            counts = np.eye(k)[labels].T @ hist
+            codes = count_codes(counts)
+            bits = -(counts * np.log2(code_frequencies(codes).clip(1) / 65536)).sum() \
+                + lines * math.log2(k) + 4 * np.count_nonzero(codes)
+            if best is None or bits < best[0]:
+                best = (bits, axis, labels, codes)
+    return best[1:]
+
+
+def rans_encode(freq: np.ndarray, start: np.ndarray) -> bytes:
+    """Interleaved rANS (Duda 2013) over [steps, lanes]: state x in [2^16, 2^32); a symbol of frequency
+    f/2^16 starting at c maps x -> (x // f) * 2^16 + x % f + c, after emitting x's low 16 bits if
+    x >= f * 2^16 (so x stays < 2^32). The last step is coded first, so the decoder runs forward."""
+    x = np.full(freq.shape[1], 1 << 16, np.int64)
+    words = []
+    for f, c, emit_at in zip(freq[::-1], start[::-1], freq[::-1] << 16):
+        emit = x >= emit_at
+        words.append(x[emit].astype(np.uint16))
+        x >>= emit * 16
+        quotient, remainder = np.divmod(x, f)
+        x = (quotient << 16) + remainder + c
+    return x.astype(np.uint32).tobytes() + np.concatenate(words[::-1] + [np.zeros(0, np.uint16)]).tobytes()
+
+
+def rans_decode(data: bytes, tables: np.ndarray, freq: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Inverse of rans_encode for symbols whose tables [steps, lanes] are known; freq and start are
+    [tables, 256]. Returns the symbols [steps, lanes]."""
+    lanes = tables.shape[1]
+    x = np.frombuffer(data, np.uint32, lanes).astype(np.int64)
+    words = np.frombuffer(data, np.uint16, offset=4 * lanes).astype(np.int64)
+    flat = np.repeat(np.arange(freq.size, dtype=np.int32), freq.ravel())  # slot -> table*256 + symbol
+    freq, start, out, at = freq.ravel(), start.ravel(), np.empty(tables.shape, np.int32), 0
+    for step, slots_at in enumerate(tables << 16):
+        slot = x & 0xFFFF
+        out[step] = j = flat[slots_at + slot]
+        x = freq[j] * (x >> 16) + slot - start[j]
+        need = x < 1 << 16
+        n = int(np.count_nonzero(need))
+        x[need] = x[need] << 16 | words[at : at + n]
+        at += n
+    return out & 255
+
+
+def rans_tables(models: list, shapes: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(table of every int [steps, lanes], freq [tables, 256], start) for the tensors' class models
+    [(axis, labels, codes)]; a last table of one certain symbol (0 bits) pads the last step."""
+    codes = np.zeros((sum(len(m[2]) for m in models) + 1, 256), np.uint8)
+    codes[-1, 0], parts, base = 1, [np.zeros(0, np.int64)], 0
+    for (axis, labels, table_codes), shape in zip(models, shapes):
+        codes[base : base + len(table_codes), : table_codes.shape[1]] = table_codes
+        parts.append(np.broadcast_to(base + (labels[None, :] if axis else labels[:, None]), shape).ravel())
+        base += len(table_codes)
+    ids = np.concatenate(parts)
+    lanes = min(RANS_LANES, max(1, len(ids) // 256))
+    freq = code_frequencies(codes)
+    return np.concatenate([ids, np.full(-len(ids) % lanes, base)]).reshape(-1, lanes), freq, np.cumsum(freq, 1) - freq
+
+
+def rans_compress(data: bytes) -> bytes:
+    """COMPRESSOR=rans on a serialize() payload (see above)."""
+    import lzma
+    header_len = int.from_bytes(data[:4], "little")
+    begin, meta, models, shapes, symbols = 4 + header_len, bytearray(), [], [], [np.zeros(0, np.int64)]
+    for _, kind, shape in json.loads(data[4:begin]):
+        if kind == "q":
+            q = np.frombuffer(data, np.int8, math.prod(shape), begin).reshape(shape[0], math.prod(shape[1:])).astype(np.int64)
+            begin += q.size
+            low = int(q.min()) if q.size else 0
+            alphabet = int(q.max()) - low + 1 if q.size else 1
+            axis, labels, codes = fit_classes(q - low, alphabet)
+            bits = (labels[:, None] >> np.arange(len(codes).bit_length() - 1)) & 1
+            meta += bytes([axis, len(codes), low & 255, alphabet - 1]) + np.packbits(bits).tobytes() + codes.tobytes()
+            models.append((axis, labels, codes))
+            shapes.append(q.shape)
+            symbols.append((q - low).ravel())
+    rest = data[: 4 + header_len] + data[begin:]
+    ids, freq, start = rans_tables(models, shapes)
+    j = ids * 256 + np.concatenate(symbols + [np.zeros(ids.size - sum(map(len, symbols)), np.int64)]).reshape(ids.shape)
+    side = lzma.compress(len(rest).to_bytes(4, "little") + rest + bytes(meta), preset=9 | lzma.PRESET_EXTREME)
+    return b"R" + len(side).to_bytes(4, "little") + side + rans_encode(freq.ravel()[j], start.ravel()[j])
+
+
+def rans_decompress(blob: bytes) -> bytes:
+    """Inverse of rans_compress: the exact serialize() payload."""
+    import lzma
+    side_len = int.from_bytes(blob[1:5], "little")
+    side = lzma.decompress(blob[5 : 5 + side_len])
+    rest_len = int.from_bytes(side[:4], "little")
+    rest, meta, at = side[4 : 4 + rest_len], side[4 + rest_len :], 0
+    header_len = int.from_bytes(rest[:4], "little")
+    shapes = [(s[0], math.prod(s[1:])) for _, kind, s in json.loads(rest[4 : 4 + header_len]) if kind == "q"]
+    models, lows = [], []
+    for shape in shapes:
+        axis, k, low, alphabet = meta[at], meta[at + 1], meta[at + 2], meta[at + 3] + 1
+        width, at = k.bit_length() - 1, at + 4
+        bits = np.unpackbits(np.frombuffer(meta, np.uint8, (shape[axis] * width + 7) // 8, at), count=shape[axis] * width)
+        labels = bits.reshape(shape[axis], width).astype(np.int64) @ (1 << np.arange(width))
+        at += (shape[axis] * width + 7) // 8
+        models.append((axis, labels, np.frombuffer(meta, np.uint8, k * alphabet, at).reshape(k, alphabet)))
+        lows.append(low - 256 * (low > 127))
+        at += k * alphabet
+    ids, freq, start = rans_tables(models, shapes)
+    sym, ints, at = rans_decode(blob[5 + side_len :], ids, freq, start).ravel(), [np.zeros(0, np.int8)], 0
+    for shape, low in zip(shapes, lows):
+        ints.append((sym[at : at + math.prod(shape)] + low).astype(np.int8))
+        at += math.prod(shape)
+    return rest[: 4 + header_len] + np.concatenate(ints).tobytes() + rest[4 + header_len :]
 
 
 def int_entropy_bytes(q: Tensor) -> float:
