@@ -1437,21 +1437,16 @@ def decompress(blob: bytes) -> bytes:
     return b"".join(parts)
 
 
-# rANS coder for the quantized ints (COMPRESSOR=rans; numpy only). Each int tensor's columns (or rows)
-# are clustered into k classes of similar value distributions (Lloyd on code length; k = 1 when classes
-# do not pay for their labels), each class gets a symbol table, and all ints go through one
-# interleaved rANS stream at ~the entropy under those tables. Header, fp16 section, labels and tables
-# go through lzma. Blob: b"R" | uint32 side length | lzma(side) | uint32 lane states | uint16 words.
-RANS_LANES = 2048                    # interleaved states: numpy steps = ints / lanes; 4 bytes each
+# rANS coder for the quantized ints (COMPRESSOR=rans; numpy only). The columns (or rows) of each int
+# tensor are clustered into k classes of similar value distributions (k = 1 when classes do not pay
+# for their labels); each class gets a symbol table, and all ints go through one interleaved rANS
+# stream at ~the entropy under those tables. Header, fp16 section, labels and tables go through lzma.
+# Blob: b"R" | uint32 side length | lzma(side) | uint64 lane states | uint32 words.
+RANS_LANES = 1024                    # interleaved states: numpy steps = ints / lanes; 8 bytes each
 RANS_CLASSES = (1, 2, 4, 8)          # class counts tried per tensor and axis
-# Tables store each count as a code: exact below 16, else 3-bit mantissa (+-6%: < 0.1% more bits).
+# Tables store counts as uint8 codes (0 = absent, else 1 + index of the level <= count): exact below
+# 16, else a 3-bit mantissa; ~0.03% more bits than exact tables.
 COUNT_LEVELS = np.array(sorted(set(range(1, 16)) | {m << e for m in range(8, 16) for e in range(1, 26)}))
-
-
-def count_codes(counts: np.ndarray) -> np.ndarray:
-    """uint8 code per count: 0 = absent, else 1 + index of the nearest COUNT_LEVELS value (in log)."""
-    i = np.clip(np.searchsorted(COUNT_LEVELS, counts), 1, len(COUNT_LEVELS) - 1)
-    return np.where(counts > 0, i + 1 - (counts * counts < COUNT_LEVELS[i - 1] * COUNT_LEVELS[i]), 0).astype(np.uint8)
 
 
 def code_frequencies(codes: np.ndarray) -> np.ndarray:
@@ -1466,14 +1461,13 @@ def code_frequencies(codes: np.ndarray) -> np.ndarray:
 
 def fit_classes(sym: np.ndarray, alphabet: int) -> tuple[int, np.ndarray, np.ndarray]:
     """(axis, labels, table codes) of the cheapest class model of an int tensor [R, C] of symbols
-    0..alphabet-1: classes of columns (axis 1) or rows (axis 0), k in RANS_CLASSES, by code length
-    + labels (log2 k bits each) + tables (~4 bits per entry after lzma)."""
+    0..alphabet-1: classes of its columns (axis 1) or rows (axis 0), k in RANS_CLASSES, found by Lloyd
+    iterations on code length; cost = code length + labels (log2 k bits) + tables (~4 bits/entry)."""
     best, values = None, np.arange(alphabet)
     for axis in (1, 0):
         lines = sym.shape[axis]
-        line_index = np.arange(lines)[None, :] if axis else np.arange(lines)[:, None]
-        hist = np.bincount((sym + alphabet * line_index).ravel(), minlength=lines * alphabet)
-        hist = hist.reshape(lines, alphabet).astype(np.float64)
+        index = sym + alphabet * (np.arange(lines)[None, :] if axis else np.arange(lines)[:, None])
+        hist = np.bincount(index.ravel(), minlength=lines * alphabet).reshape(lines, alphabet).astype(np.float64)
         spread = hist @ np.abs(values - hist.sum(0) @ values / max(sym.size, 1))  # sum |s - tensor mean| per line
         for k in RANS_CLASSES:
             labels = np.argsort(np.argsort(spread, kind="stable"), kind="stable") * k // max(lines, 1)
@@ -1481,46 +1475,45 @@ def fit_classes(sym: np.ndarray, alphabet: int) -> tuple[int, np.ndarray, np.nda
                 counts = np.eye(k)[labels].T @ hist + 0.5
                 labels = np.argmin(hist @ -np.log2(counts / counts.sum(1, keepdims=True)).T, 1)
             counts = np.eye(k)[labels].T @ hist
-            codes = count_codes(counts)
-            bits = -(counts * np.log2(code_frequencies(codes).clip(1) / 65536)).sum() \
-                + lines * math.log2(k) + 4 * np.count_nonzero(codes)
+            codes = np.searchsorted(COUNT_LEVELS, counts, side="right").astype(np.uint8)
+            bits = lines * math.log2(k) + 4 * np.count_nonzero(codes) \
+                - (counts * np.log2(code_frequencies(codes).clip(1) / 65536)).sum()
             if best is None or bits < best[0]:
                 best = (bits, axis, labels, codes)
     return best[1:]
 
 
 def rans_encode(freq: np.ndarray, start: np.ndarray) -> bytes:
-    """Interleaved rANS (Duda 2013) over [steps, lanes]: state x in [2^16, 2^32); a symbol of frequency
-    f/2^16 starting at c maps x -> (x // f) * 2^16 + x % f + c, after emitting x's low 16 bits if
-    x >= f * 2^16 (so x stays < 2^32). The last step is coded first, so the decoder runs forward."""
-    x = np.full(freq.shape[1], 1 << 16, np.int64)
-    words = []
-    for f, c, emit_at in zip(freq[::-1], start[::-1], freq[::-1] << 16):
-        emit = x >= emit_at
-        words.append(x[emit].astype(np.uint16))
-        x >>= emit * 16
+    """Interleaved rANS (Duda 2013) over [steps, lanes] (uint64): state x in [2^32, 2^64); a symbol of
+    frequency f/2^16 starting at c maps x -> (x // f) * 2^16 + x % f + c, after emitting x's low 32 bits
+    if x >= f * 2^48 (so x stays < 2^64). The last step is coded first, so the decoder runs forward."""
+    x = np.full(freq.shape[1], 1 << 32, np.uint64)
+    words = [np.zeros(0, np.uint32)]
+    for f, c in zip(freq[::-1], start[::-1]):
+        emit = x >> 48 >= f
+        words.append(x[emit].astype(np.uint32))
+        x[emit] >>= 32
         quotient, remainder = np.divmod(x, f)
         x = (quotient << 16) + remainder + c
-    return x.astype(np.uint32).tobytes() + np.concatenate(words[::-1] + [np.zeros(0, np.uint16)]).tobytes()
+    return x.tobytes() + np.concatenate(words[::-1]).tobytes()
 
 
 def rans_decode(data: bytes, tables: np.ndarray, freq: np.ndarray, start: np.ndarray) -> np.ndarray:
     """Inverse of rans_encode for symbols whose tables [steps, lanes] are known; freq and start are
-    [tables, 256]. Returns the symbols [steps, lanes]."""
-    lanes = tables.shape[1]
-    x = np.frombuffer(data, np.uint32, lanes).astype(np.int64)
-    words = np.frombuffer(data, np.uint16, offset=4 * lanes).astype(np.int64)
-    flat = np.repeat(np.arange(freq.size, dtype=np.int32), freq.ravel())  # slot -> table*256 + symbol
-    freq, start, out, at = freq.ravel(), start.ravel(), np.empty(tables.shape, np.int32), 0
-    for step, slots_at in enumerate(tables << 16):
+    [tables, 256] (uint64). Returns the symbols [steps, lanes]."""
+    x = np.frombuffer(data, np.uint64, tables.shape[1]).copy()
+    words = np.frombuffer(data, np.uint32, offset=8 * tables.shape[1]).astype(np.uint64)
+    owner = np.repeat(np.arange(freq.size, dtype=np.uint32), freq.ravel().astype(np.int64))  # slot -> table*256 + symbol
+    freq, start, out, at = freq.ravel(), start.ravel(), np.empty(tables.shape, np.uint32), 0
+    for step, slots_at in enumerate(tables.astype(np.uint64) << 16):
         slot = x & 0xFFFF
-        out[step] = j = flat[slots_at + slot]
+        out[step] = j = owner[slots_at + slot]
         x = freq[j] * (x >> 16) + slot - start[j]
-        need = x < 1 << 16
+        need = x < 1 << 32
         n = int(np.count_nonzero(need))
-        x[need] = x[need] << 16 | words[at : at + n]
+        x[need] = x[need] << 32 | words[at : at + n]
         at += n
-    return out & 255
+    return (out & 255).astype(np.int16)
 
 
 def rans_tables(models: list, shapes: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1533,31 +1526,31 @@ def rans_tables(models: list, shapes: list) -> tuple[np.ndarray, np.ndarray, np.
         parts.append(np.broadcast_to(base + (labels[None, :] if axis else labels[:, None]), shape).ravel())
         base += len(table_codes)
     ids = np.concatenate(parts)
-    lanes = min(RANS_LANES, max(1, len(ids) // 256))
-    freq = code_frequencies(codes)
+    lanes = min(RANS_LANES, max(1, len(ids) >> 14))  # >= 2^14 ints per lane: the flush costs < 0.004 bit/int
+    freq = code_frequencies(codes).astype(np.uint64)
     return np.concatenate([ids, np.full(-len(ids) % lanes, base)]).reshape(-1, lanes), freq, np.cumsum(freq, 1) - freq
 
 
 def rans_compress(data: bytes) -> bytes:
-    """COMPRESSOR=rans on a serialize() payload (see above)."""
+    """COMPRESSOR=rans on a serialize() payload. Side bytes per int tensor: axis, k, lowest value,
+    alphabet size - 1, labels (log2 k bits each), the k tables' count codes."""
     import lzma
-    header_len = int.from_bytes(data[:4], "little")
-    begin, meta, models, shapes, symbols = 4 + header_len, bytearray(), [], [], [np.zeros(0, np.int64)]
-    for _, kind, shape in json.loads(data[4:begin]):
+    header_end = 4 + int.from_bytes(data[:4], "little")
+    begin, meta, models, shapes, symbols = header_end, bytearray(), [], [], [np.zeros(0, np.int64)]
+    for _, kind, shape in json.loads(data[4:header_end]):
         if kind == "q":
-            q = np.frombuffer(data, np.int8, math.prod(shape), begin).reshape(shape[0], math.prod(shape[1:])).astype(np.int64)
-            begin += q.size
-            low = int(q.min()) if q.size else 0
-            alphabet = int(q.max()) - low + 1 if q.size else 1
-            axis, labels, codes = fit_classes(q - low, alphabet)
-            bits = (labels[:, None] >> np.arange(len(codes).bit_length() - 1)) & 1
-            meta += bytes([axis, len(codes), low & 255, alphabet - 1]) + np.packbits(bits).tobytes() + codes.tobytes()
+            q = np.frombuffer(data, np.int8, math.prod(shape), begin).astype(np.int64).reshape(shape[0], math.prod(shape[1:]))
+            begin, low = begin + q.size, int(q.min(initial=0))
+            axis, labels, codes = fit_classes(q - low, int(q.max(initial=0)) - low + 1)
+            bits = np.packbits((labels[:, None] >> np.arange(len(codes).bit_length() - 1)) & 1)
+            meta += bytes([axis, len(codes), low & 255, codes.shape[1] - 1]) + bits.tobytes() + codes.tobytes()
             models.append((axis, labels, codes))
             shapes.append(q.shape)
             symbols.append((q - low).ravel())
-    rest = data[: 4 + header_len] + data[begin:]
+    rest = data[:header_end] + data[begin:]
     ids, freq, start = rans_tables(models, shapes)
-    j = ids * 256 + np.concatenate(symbols + [np.zeros(ids.size - sum(map(len, symbols)), np.int64)]).reshape(ids.shape)
+    j = ids * 256
+    j.reshape(-1)[: begin - header_end] += np.concatenate(symbols)
     side = lzma.compress(len(rest).to_bytes(4, "little") + rest + bytes(meta), preset=9 | lzma.PRESET_EXTREME)
     return b"R" + len(side).to_bytes(4, "little") + side + rans_encode(freq.ravel()[j], start.ravel()[j])
 
@@ -1565,28 +1558,26 @@ def rans_compress(data: bytes) -> bytes:
 def rans_decompress(blob: bytes) -> bytes:
     """Inverse of rans_compress: the exact serialize() payload."""
     import lzma
-    side_len = int.from_bytes(blob[1:5], "little")
-    side = lzma.decompress(blob[5 : 5 + side_len])
-    rest_len = int.from_bytes(side[:4], "little")
-    rest, meta, at = side[4 : 4 + rest_len], side[4 + rest_len :], 0
-    header_len = int.from_bytes(rest[:4], "little")
-    shapes = [(s[0], math.prod(s[1:])) for _, kind, s in json.loads(rest[4 : 4 + header_len]) if kind == "q"]
+    side_end = 5 + int.from_bytes(blob[1:5], "little")
+    side = lzma.decompress(blob[5:side_end])
+    rest_end = 4 + int.from_bytes(side[:4], "little")
+    rest, meta, at = side[4:rest_end], side[rest_end:], 0
+    header_end = 4 + int.from_bytes(rest[:4], "little")
+    shapes = [(s[0], math.prod(s[1:])) for _, kind, s in json.loads(rest[4:header_end]) if kind == "q"]
     models, lows = [], []
     for shape in shapes:
         axis, k, low, alphabet = meta[at], meta[at + 1], meta[at + 2], meta[at + 3] + 1
-        width, at = k.bit_length() - 1, at + 4
-        bits = np.unpackbits(np.frombuffer(meta, np.uint8, (shape[axis] * width + 7) // 8, at), count=shape[axis] * width)
-        labels = bits.reshape(shape[axis], width).astype(np.int64) @ (1 << np.arange(width))
-        at += (shape[axis] * width + 7) // 8
-        models.append((axis, labels, np.frombuffer(meta, np.uint8, k * alphabet, at).reshape(k, alphabet)))
+        lines, width = shape[axis], k.bit_length() - 1
+        label_bytes = (lines * width + 7) // 8
+        bits = np.unpackbits(np.frombuffer(meta, np.uint8, label_bytes, at + 4), count=lines * width)
+        codes = np.frombuffer(meta, np.uint8, k * alphabet, at + 4 + label_bytes).reshape(k, alphabet)
+        models.append((axis, bits.reshape(lines, width).astype(np.int64) @ (1 << np.arange(width)), codes))
         lows.append(low - 256 * (low > 127))
-        at += k * alphabet
+        at += 4 + label_bytes + k * alphabet
     ids, freq, start = rans_tables(models, shapes)
-    sym, ints, at = rans_decode(blob[5 + side_len :], ids, freq, start).ravel(), [np.zeros(0, np.int8)], 0
-    for shape, low in zip(shapes, lows):
-        ints.append((sym[at : at + math.prod(shape)] + low).astype(np.int8))
-        at += math.prod(shape)
-    return rest[: 4 + header_len] + np.concatenate(ints).tobytes() + rest[4 + header_len :]
+    sizes = [math.prod(shape) for shape in shapes]
+    ints = rans_decode(blob[side_end:], ids, freq, start).ravel()[: sum(sizes)] + np.repeat(np.array(lows, np.int16), sizes)
+    return rest[:header_end] + ints.astype(np.int8).tobytes() + rest[header_end:]
 
 
 def int_entropy_bytes(q: Tensor) -> float:
@@ -1605,6 +1596,19 @@ def rtn_entropy_bytes(plans: list[GPTQPlan], clip_scale: float) -> float:
         q = quantize_rtn(plan.weight, plan_scales(plan, clip_scale), plan.bits)
         total += sum(int_entropy_bytes(part) for part in q.split(plan.row_counts))
     return total
+
+
+def byte_groups(quantized: dict[str, dict]) -> dict[str, dict]:
+    """Where the bytes go, per role (tok_emb, attn, mlp; fp16 = unquantized tensors at 2 bytes/value):
+    values and the order-0 entropy bytes of their ints (what a better coder lets the search spend)."""
+    groups: dict[str, dict] = {}
+    for name, entry in quantized.items():
+        role = "fp16" if "q" not in entry else name.split(".")[2 if name.startswith("blocks.") else 0]
+        group = groups.setdefault(role, {"values": 0, "entropy_bytes": 0.0})
+        values = entry["q"] if "q" in entry else entry["fp16"]
+        group["values"] += values.numel()
+        group["entropy_bytes"] += int_entropy_bytes(values) if "q" in entry else 2.0 * values.numel()
+    return groups
 
 
 def search_clip_scale(predict, target: float) -> float:
@@ -1656,7 +1660,7 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
             f"gptq:{t1 - t0:.1f}s {h.compressor}:{t2 - t1:.1f}s")
         fits = len(blob) <= target
         if fits and (best is None or len(blob) > len(best[1])):
-            best = (clip_scale, blob)
+            best = (clip_scale, blob, quantized)
         if fits and (len(blob) >= (1 - BUDGET_TOLERANCE) * target or clip_scale <= CLIP_SCALE_RANGE[0] * 1.001):
             break  # close enough, or already at the finest scale searched
         if not fits and clip_scale >= CLIP_SCALE_RANGE[1] * 0.999:
@@ -1666,7 +1670,7 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
         ratio = (len(blob) - side_bytes) / rtn_entropy_bytes(plans, clip_scale)
     if best is None:
         raise ArtifactBudgetError(f"no attempt fit {target} bytes: {attempts}")
-    clip_scale, blob = best
+    clip_scale, blob, quantized = best
     report = {
         "model_bytes": len(blob), "code_bytes": code_bytes, "total_bytes": len(blob) + code_bytes,
         "target_bytes": target, "clip_scale": clip_scale,
@@ -1674,9 +1678,12 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
         "bits": {name: tensor_bits(name, t, h) for name, t in state.items()},
         "gptq_seconds": gptq_seconds, "compress_seconds": compress_seconds,
         "total_seconds": time.perf_counter() - started, "compressor": h.compressor, "attempts": attempts,
+        "groups": byte_groups(quantized),
     }
     log(f"quant:chose clip_scale:{clip_scale:.4f} (matrix k {report['matrix_clip_sigmas']:.2f}, embed k "
         f"{report['embed_clip_sigmas']:.2f}) model_bytes:{len(blob)} target:{target} in {report['total_seconds']:.1f}s")
+    log("quant:groups " + " | ".join(f"{role} {g['values']} values {8 * g['entropy_bytes'] / max(g['values'], 1):.3f} "
+                                     f"bits/value {g['entropy_bytes']:.0f} entropy bytes" for role, g in report["groups"].items()))
     return blob, report
 
 
