@@ -1484,7 +1484,7 @@ def fit_classes(sym: np.ndarray, alphabet: int) -> tuple[int, np.ndarray, np.nda
 
 
 def rans_encode(freq: np.ndarray, start: np.ndarray) -> bytes:
-    """Interleaved rANS (Duda 2013) over [steps, lanes] (uint64): state x in [2^32, 2^64); a symbol of
+    """Interleaved rANS (Duda 2013) over [steps, lanes]: uint64 state x in [2^32, 2^64); a symbol of
     frequency f/2^16 starting at c maps x -> (x // f) * 2^16 + x % f + c, after emitting x's low 32 bits
     if x >= f * 2^48 (so x stays < 2^64). The last step is coded first, so the decoder runs forward."""
     x = np.full(freq.shape[1], 1 << 32, np.uint64)
@@ -1500,7 +1500,7 @@ def rans_encode(freq: np.ndarray, start: np.ndarray) -> bytes:
 
 def rans_decode(data: bytes, tables: np.ndarray, freq: np.ndarray, start: np.ndarray) -> np.ndarray:
     """Inverse of rans_encode for symbols whose tables [steps, lanes] are known; freq and start are
-    [tables, 256] (uint64). Returns the symbols [steps, lanes]."""
+    [tables, 256]. Returns the symbols [steps, lanes]."""
     x = np.frombuffer(data, np.uint64, tables.shape[1]).copy()
     words = np.frombuffer(data, np.uint32, offset=8 * tables.shape[1]).astype(np.uint64)
     owner = np.repeat(np.arange(freq.size, dtype=np.uint32), freq.ravel().astype(np.int64))  # slot -> table*256 + symbol
@@ -1520,15 +1520,15 @@ def rans_tables(models: list, shapes: list) -> tuple[np.ndarray, np.ndarray, np.
     """(table of every int [steps, lanes], freq [tables, 256], start) for the tensors' class models
     [(axis, labels, codes)]; a last table of one certain symbol (0 bits) pads the last step."""
     codes = np.zeros((sum(len(m[2]) for m in models) + 1, 256), np.uint8)
-    codes[-1, 0], parts, base = 1, [np.zeros(0, np.int64)], 0
+    codes[-1, 0], parts, base = 1, [np.zeros(0, np.int32)], 0
     for (axis, labels, table_codes), shape in zip(models, shapes):
         codes[base : base + len(table_codes), : table_codes.shape[1]] = table_codes
-        parts.append(np.broadcast_to(base + (labels[None, :] if axis else labels[:, None]), shape).ravel())
+        parts.append(np.broadcast_to((base + (labels[None, :] if axis else labels[:, None])).astype(np.int32), shape).ravel())
         base += len(table_codes)
     ids = np.concatenate(parts)
     lanes = min(RANS_LANES, max(1, len(ids) >> 14))  # >= 2^14 ints per lane: the flush costs < 0.004 bit/int
-    freq = code_frequencies(codes).astype(np.uint64)
-    return np.concatenate([ids, np.full(-len(ids) % lanes, base)]).reshape(-1, lanes), freq, np.cumsum(freq, 1) - freq
+    freq = code_frequencies(codes).astype(np.uint32)
+    return np.concatenate([ids, np.full(-len(ids) % lanes, base, np.int32)]).reshape(-1, lanes), freq, np.cumsum(freq, 1) - freq
 
 
 def rans_compress(data: bytes) -> bytes:
@@ -1536,10 +1536,10 @@ def rans_compress(data: bytes) -> bytes:
     alphabet size - 1, labels (log2 k bits each), the k tables' count codes."""
     import lzma
     header_end = 4 + int.from_bytes(data[:4], "little")
-    begin, meta, models, shapes, symbols = header_end, bytearray(), [], [], [np.zeros(0, np.int64)]
+    begin, meta, models, shapes, symbols = header_end, bytearray(), [], [], [np.zeros(0, np.int16)]
     for _, kind, shape in json.loads(data[4:header_end]):
         if kind == "q":
-            q = np.frombuffer(data, np.int8, math.prod(shape), begin).astype(np.int64).reshape(shape[0], math.prod(shape[1:]))
+            q = np.frombuffer(data, np.int8, math.prod(shape), begin).astype(np.int16).reshape(shape[0], math.prod(shape[1:]))
             begin, low = begin + q.size, int(q.min(initial=0))
             axis, labels, codes = fit_classes(q - low, int(q.max(initial=0)) - low + 1)
             bits = np.packbits((labels[:, None] >> np.arange(len(codes).bit_length() - 1)) & 1)

@@ -12,7 +12,9 @@ Every coder runs on the WHOLE payload (an adaptive coder's advantage can differ 
   - rans with one table per tensor (no column/row classes), to show what the classes save,
   - optional packages, skipped when not installed: constriction (Rust ANS, rans's class tables),
     pyppmd (PPMd order 2 on the ints, rest through lzma),
-then a per-role table: order-0 entropy of the ints vs the rans class model's own estimate.
+then a per-role table: order-0 entropy of the ints vs the rans class model's own estimate, and
+which class models (columns or rows, k classes) the tensors chose. The optional packages are not in
+requirements.txt (train_gpt.py needs neither): pip install constriction pyppmd.
 BENCH_STREAMS=1 adds single-stream brotli/zstd/lzma settings (slow on a whole artifact);
 BENCH_MAX_MB=N runs those on the first N MB only.
 
@@ -194,10 +196,10 @@ def role_study(payload: bytes):
         entry["model"] += model_bits / 8
         key = f"{'cols' if axis else 'rows'}x{len(codes)}"
         entry["classes"][key] = entry["classes"].get(key, 0) + 1
-    print("\n| role | values | order-0 entropy bytes | rans class model bytes | saving | classes chosen (tensors) |")
+    print("\n| role | values | order-0 entropy bytes | rans class model bytes | vs order-0 | classes chosen (tensors) |")
     print("|---|---|---|---|---|---|")
     for role, e in roles.items():
-        print(f"| {role} | {e['values']:,} | {e['h0']:,.0f} | {e['model']:,.0f} | {1 - e['model'] / e['h0']:+.2%} | "
+        print(f"| {role} | {e['values']:,} | {e['h0']:,.0f} | {e['model']:,.0f} | {e['model'] / e['h0'] - 1:+.2%} | "
               f"{', '.join(f'{k}: {v}' for k, v in sorted(e['classes'].items()))} |")
 
 
