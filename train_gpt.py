@@ -1532,8 +1532,8 @@ def rans_tables(models: list, shapes: list) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def rans_compress(data: bytes) -> bytes:
-    """COMPRESSOR=rans on a serialize() payload. Side bytes per int tensor: axis, k, lowest value,
-    alphabet size - 1, labels (log2 k bits each), the k tables' count codes."""
+    """COMPRESSOR=rans on a serialize() payload. Side bytes per int tensor: axis, k, -lowest value (the
+    symbols are ints - min(ints, 0)), alphabet size - 1, labels (log2 k bits each), the tables' codes."""
     import lzma
     header_end = 4 + int.from_bytes(data[:4], "little")
     begin, meta, models, shapes, symbols = header_end, bytearray(), [], [], [np.zeros(0, np.int16)]
@@ -1543,7 +1543,7 @@ def rans_compress(data: bytes) -> bytes:
             begin, low = begin + q.size, int(q.min(initial=0))
             axis, labels, codes = fit_classes(q - low, int(q.max(initial=0)) - low + 1)
             bits = np.packbits((labels[:, None] >> np.arange(len(codes).bit_length() - 1)) & 1)
-            meta += bytes([axis, len(codes), low & 255, codes.shape[1] - 1]) + bits.tobytes() + codes.tobytes()
+            meta += bytes([axis, len(codes), -low, codes.shape[1] - 1]) + bits.tobytes() + codes.tobytes()
             models.append((axis, labels, codes))
             shapes.append(q.shape)
             symbols.append((q - low).ravel())
@@ -1566,13 +1566,13 @@ def rans_decompress(blob: bytes) -> bytes:
     shapes = [(s[0], math.prod(s[1:])) for _, kind, s in json.loads(rest[4:header_end]) if kind == "q"]
     models, lows = [], []
     for shape in shapes:
-        axis, k, low, alphabet = meta[at], meta[at + 1], meta[at + 2], meta[at + 3] + 1
+        axis, k, alphabet = meta[at], meta[at + 1], meta[at + 3] + 1
         lines, width = shape[axis], k.bit_length() - 1
         label_bytes = (lines * width + 7) // 8
         bits = np.unpackbits(np.frombuffer(meta, np.uint8, label_bytes, at + 4), count=lines * width)
         codes = np.frombuffer(meta, np.uint8, k * alphabet, at + 4 + label_bytes).reshape(k, alphabet)
         models.append((axis, bits.reshape(lines, width).astype(np.int64) @ (1 << np.arange(width)), codes))
-        lows.append(low - 256 * (low > 127))
+        lows.append(-meta[at + 2])
         at += 4 + label_bytes + k * alphabet
     ids, freq, start = rans_tables(models, shapes)
     sizes = [math.prod(shape) for shape in shapes]
