@@ -13,7 +13,9 @@ Every coder runs on the WHOLE payload (an adaptive coder's advantage can differ 
   - optional packages, skipped when not installed: constriction (Rust ANS, rans's class tables),
     pyppmd (PPMd order 2 on the ints, rest through lzma),
 then a per-role table: order-0 entropy of the ints vs the rans class model's own estimate, and
-which class models (columns or rows, k classes) the tensors chose. The optional packages are not in
+which class models (columns or rows, k classes) the tensors chose; and a structure probe: per role,
+the MDL size of the ints under other context models (2-D classes, row-scale classes, the previous
+int in the row or column, rows sorted by L1 nearest neighbour), to choose the next model. The optional packages are not in
 requirements.txt (train_gpt.py needs neither): pip install constriction pyppmd.
 BENCH_STREAMS=1 adds single-stream brotli/zstd/lzma settings (slow on a whole artifact);
 BENCH_MAX_MB=N runs those on the first N MB only.
@@ -203,6 +205,69 @@ def role_study(payload: bytes):
               f"{', '.join(f'{k}: {v}' for k, v in sorted(e['classes'].items()))} |")
 
 
+def mdl_bits(symbols: np.ndarray, contexts: np.ndarray) -> float:
+    """Code length of symbols under one static table per context, plus the tables' cost
+    (MDL: (nonzero entries - 1)/2 * log2(n) bits per context): what a coder with that context gets."""
+    symbols, contexts = symbols.ravel(), contexts.ravel()
+    alphabet = int(symbols.max()) + 1
+    counts = np.bincount(contexts * alphabet + symbols, minlength=(int(contexts.max()) + 1) * alphabet)
+    counts = counts.reshape(-1, alphabet).astype(np.float64)
+    totals = counts.sum(1, keepdims=True)
+    code = -(counts * np.log2(np.where(counts > 0, counts / np.maximum(totals, 1), 1))).sum()
+    return code + ((np.count_nonzero(counts, 1) - 1).clip(0) / 2 * np.log2(np.maximum(totals[:, 0], 2))).sum()
+
+
+def nearest_neighbour_order(rows: np.ndarray) -> np.ndarray:
+    """Greedy L1 nearest-neighbour chain through the rows (the records' row sort), on the GPU if any."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.from_numpy(rows.astype(np.float32)).to(device)
+    distance = torch.cdist(x, x, p=1)
+    distance.fill_diagonal_(float("inf"))
+    order, current = [0], 0
+    for _ in range(len(rows) - 1):
+        distance[:, current] = float("inf")
+        current = int(distance[current].argmin())
+        order.append(current)
+    return np.array(order)
+
+
+def structure_probe(payload: bytes):
+    """Per role, bytes a coder would need with each context model (MDL estimates on the real ints):
+    what structure the weights have beyond per-tensor order-0 statistics, to decide the next model.
+    rows4xcols4: classes by quantiles of each row's and column's mean |s - mean| (+2 bits per label);
+    row scale 8: classes by quantiles of the fp16 row scale (free: the decoder has the scales first);
+    left |q|: the previous int in the row, min(|q|, 8); above |q|, NN-sorted: the previous row's int
+    after sorting rows into a greedy L1 nearest-neighbour chain (+ the permutation, log2 R bits/row;
+    tensors over 2,048 rows only with a GPU)."""
+    scales = {name: e["scale"].float().numpy() for name, e in tg.deserialize(payload).items() if "q" in e}
+    labels = ["order-0", "rows4xcols4", "row scale 8", "left |q|", "above |q|", "above |q|, NN-sorted"]
+    roles = {}
+    for name, q in int_tensors(payload)[0]:
+        if q.size == 0 or q.shape[1] < 2:
+            continue
+        sym = q - q.min()
+        spread = np.abs(sym - sym.mean())
+        quartile = lambda v: np.searchsorted(np.quantile(v, [0.25, 0.5, 0.75]), v)  # noqa: E731
+        octile = np.searchsorted(np.quantile(np.log(scales[name] + 1e-12), np.linspace(0, 1, 9)[1:-1]), np.log(scales[name] + 1e-12))
+        magnitude = np.minimum(np.abs(q), 8)
+        left = np.concatenate([np.full((q.shape[0], 1), 9), magnitude[:, :-1]], 1)
+        above = np.concatenate([np.full((1, q.shape[1]), 9), magnitude[:-1]], 0)
+        bits = [mdl_bits(sym, np.zeros_like(sym)),
+                mdl_bits(sym, 4 * quartile(spread.mean(1))[:, None] + quartile(spread.mean(0))[None, :]) + 2 * sum(q.shape),
+                mdl_bits(sym, np.broadcast_to(octile[:, None], q.shape)), mdl_bits(sym, left), mdl_bits(sym, above)]
+        if q.shape[0] <= 2048 or torch.cuda.is_available():
+            order = nearest_neighbour_order(q)
+            sorted_above = np.concatenate([np.full((1, q.shape[1]), 9), magnitude[order][:-1]], 0)
+            bits.append(mdl_bits(sym[order], sorted_above) + q.shape[0] * math.log2(q.shape[0]))
+        else:
+            bits.append(float("nan"))
+        role = name.split(".")[2 if name.startswith("blocks.") else 0]
+        roles[role] = [a + b / 8 for a, b in zip(roles.get(role, [0.0] * len(bits)), bits)]
+    print("\n| role | " + " | ".join(labels) + " |\n|" + "---|" * (len(labels) + 1))
+    for role, sizes in roles.items():
+        print(f"| {role} | {sizes[0]:,.0f} | " + " | ".join(f"{s / sizes[0] - 1:+.2%}" for s in sizes[1:]) + " |")
+
+
 def main():
     h = tg.Hyperparameters()
     payload = load_payload(h)
@@ -223,6 +288,7 @@ def main():
     for label, size, seconds, back in rows:
         print(f"| {label} | {size:,} | {size - reference:+,} | {seconds:.1f} | {back:.2f} |")
     role_study(payload)
+    structure_probe(payload)
 
 
 if __name__ == "__main__":
