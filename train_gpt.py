@@ -1495,14 +1495,14 @@ def rans_encode(freq: np.ndarray, start: np.ndarray) -> bytes:
         x[emit] >>= 32
         quotient, remainder = np.divmod(x, f)
         x = (quotient << 16) + remainder + c
-    return x.tobytes() + np.concatenate(words[::-1]).tobytes()
+    return x.astype("<u8").tobytes() + np.concatenate(words[::-1]).astype("<u4").tobytes()
 
 
 def rans_decode(data: bytes, tables: np.ndarray, freq: np.ndarray, start: np.ndarray) -> np.ndarray:
     """Inverse of rans_encode for symbols whose tables [steps, lanes] are known; freq and start are
     [tables, 256]. Returns the symbols [steps, lanes]."""
-    x = np.frombuffer(data, np.uint64, tables.shape[1]).copy()
-    words = np.frombuffer(data, np.uint32, offset=8 * tables.shape[1]).astype(np.uint64)
+    x = np.frombuffer(data, "<u8", tables.shape[1]).astype(np.uint64)
+    words = np.frombuffer(data, "<u4", offset=8 * tables.shape[1]).astype(np.uint64)
     owner = np.repeat(np.arange(freq.size, dtype=np.uint32), freq.ravel().astype(np.int64))  # slot -> table*256 + symbol
     freq, start, out, at = freq.ravel(), start.ravel(), np.empty(tables.shape, np.uint32), 0
     for step, slots_at in enumerate(tables.astype(np.uint64) << 16):
