@@ -21,7 +21,7 @@ BENCH_STREAMS=1 adds single-stream brotli/zstd/lzma settings (slow on a whole ar
 BENCH_MAX_MB=N runs those on the first N MB only.
 
     python bench/compress.py final_model.X.ptz     # a trained artifact (the comparison that counts)
-    python bench/compress.py final_state.pt        # a trained state dict
+    python bench/compress.py final_model.X.pt      # a run's saved (averaged, unquantized) weights
     python bench/compress.py                       # default 36M model at init
 """
 import json
@@ -39,32 +39,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 
-def load_payload(h) -> bytes:
+def load_payload():
+    """(Hyperparameters, serialize() payload): an artifact's own payload (its exact GPTQ ints), or saved
+    or fresh weights rounded to nearest with their config's clip sigmas."""
     if len(sys.argv) > 1 and sys.argv[1].endswith(".ptz"):
-        return tg.decompress(Path(sys.argv[1]).read_bytes())
+        config, blob = tg.read_artifact(sys.argv[1])
+        return tg.Hyperparameters(fixed=config), tg.decompress(blob)
     if len(sys.argv) > 1:
-        state = torch.load(sys.argv[1], map_location="cpu")
-        state = {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}
+        config, state = tg.read_saved_weights(sys.argv[1])
+        h, state = tg.Hyperparameters(fixed=config), {k: v.float() for k, v in state.items()}
     else:
+        h = tg.Hyperparameters()
         torch.manual_seed(0)
         model = tg.GPT(h)
         with torch.no_grad():
-            for p in model.matrix_params():
+            for p in model.params_for("muon"):
                 if not p.any():
                     torch.nn.init.orthogonal_(p)
         state = {k: v.detach() for k, v in model.state_dict().items()}
-    return tg.serialize(quantize_rtn_state(state, h))
+    return h, tg.serialize(quantize_rtn_state(state, h))
 
 
 def quantize_rtn_state(state, h):
-    """SDClip + round to nearest, in the same {name: entry} form that train_gpt.serialize takes."""
+    """SDClip + round to nearest, as each parameter's Role says, in the {name: entry} form train_gpt.serialize takes."""
+    with torch.device("meta"):
+        roles = tg.GPT(h).parameter_roles()
     quantized = {}
     for name, tensor in state.items():
-        bits = tg.tensor_bits(name, tensor, h)
-        if bits == 16:
-            quantized[name] = {"fp16": tensor.half()}
+        quant = roles[name].quant
+        if quant not in tg.GPTQ_GROUPS:
+            quantized[name] = tg.quantize_absmax_rows(tensor) if quant == "gate" else {"fp16": tensor.half()}
             continue
-        clip = h.embed_clip_sigmas if name == "tok_emb.weight" else h.matrix_clip_sigmas
+        bits, clip = tg.gptq_settings(quant, h)
         scale = tg.sdclip_scales(tensor, bits, clip)
         quantized[name] = {"q": tg.quantize_rtn(tensor.float(), scale, bits).to(torch.int8), "scale": scale.half()}
     return quantized
@@ -178,9 +184,9 @@ def measure(label, compress, decompress, data, rows):
     print(f"  {label}: {len(packed):,} bytes", flush=True)
 
 
-def role_study(payload: bytes):
-    """Per role: order-0 entropy of the ints vs the rans class model (code length + labels + tables)."""
-    roles = {}
+def role_study(payload: bytes, roles: dict):
+    """Per quant group: order-0 entropy of the ints vs the rans class model (code length + labels + tables)."""
+    groups = {}
     for name, q in int_tensors(payload)[0]:
         if not q.size:
             continue
@@ -191,16 +197,15 @@ def role_study(payload: bytes):
         for c in range(len(codes)):
             counts = np.bincount((sym[:, labels == c] if axis else sym[labels == c]).ravel(), minlength=freq.shape[1])
             model_bits -= (counts * np.log2(freq[c].clip(1) / 65536)).sum()
-        role = name.split(".")[2 if name.startswith("blocks.") else 0]
-        entry = roles.setdefault(role, {"values": 0, "h0": 0.0, "model": 0.0, "classes": {}})
+        entry = groups.setdefault(roles[name], {"values": 0, "h0": 0.0, "model": 0.0, "classes": {}})
         entry["values"] += q.size
         entry["h0"] += tg.int_entropy_bytes(torch.from_numpy(q))
         entry["model"] += model_bits / 8
         key = f"{'cols' if axis else 'rows'}x{len(codes)}"
         entry["classes"][key] = entry["classes"].get(key, 0) + 1
-    print("\n| role | values | order-0 entropy bytes | rans class model bytes | vs order-0 | classes chosen (tensors) |")
+    print("\n| quant group | values | order-0 entropy bytes | rans class model bytes | vs order-0 | classes chosen (tensors) |")
     print("|---|---|---|---|---|---|")
-    for role, e in roles.items():
+    for role, e in groups.items():
         print(f"| {role} | {e['values']:,} | {e['h0']:,.0f} | {e['model']:,.0f} | {e['model'] / e['h0'] - 1:+.2%} | "
               f"{', '.join(f'{k}: {v}' for k, v in sorted(e['classes'].items()))} |")
 
@@ -231,7 +236,7 @@ def nearest_neighbour_order(rows: np.ndarray) -> np.ndarray:
     return np.array(order)
 
 
-def structure_probe(payload: bytes):
+def structure_probe(payload: bytes, roles: dict):
     """Per role, bytes a coder would need with each context model (MDL estimates on the real ints):
     what structure the weights have beyond per-tensor order-0 statistics, to decide the next model.
     rows4xcols4: classes by quantiles of each row's and column's mean |s - mean| (+2 bits per label);
@@ -241,7 +246,7 @@ def structure_probe(payload: bytes):
     tensors over 2,048 rows only with a GPU)."""
     scales = {name: e["scale"].float().numpy() for name, e in tg.deserialize(payload).items() if "q" in e}
     labels = ["order-0", "rows4xcols4", "row scale 8", "left |q|", "above |q|", "above |q|, NN-sorted"]
-    roles = {}
+    groups = {}
     for name, q in int_tensors(payload)[0]:
         if q.size == 0 or q.shape[1] < 2:
             continue
@@ -261,16 +266,16 @@ def structure_probe(payload: bytes):
             bits.append(mdl_bits(sym[order], sorted_above) + q.shape[0] * math.log2(q.shape[0]))
         else:
             bits.append(float("nan"))
-        role = name.split(".")[2 if name.startswith("blocks.") else 0]
-        roles[role] = [a + b / 8 for a, b in zip(roles.get(role, [0.0] * len(bits)), bits)]
-    print("\n| role | " + " | ".join(labels) + " |\n|" + "---|" * (len(labels) + 1))
-    for role, sizes in roles.items():
+        groups[roles[name]] = [a + b / 8 for a, b in zip(groups.get(roles[name], [0.0] * len(bits)), bits)]
+    print("\n| quant group | " + " | ".join(labels) + " |\n|" + "---|" * (len(labels) + 1))
+    for role, sizes in groups.items():
         print(f"| {role} | {sizes[0]:,.0f} | " + " | ".join(f"{s / sizes[0] - 1:+.2%}" for s in sizes[1:]) + " |")
 
 
 def main():
-    h = tg.Hyperparameters()
-    payload = load_payload(h)
+    h, payload = load_payload()
+    with torch.device("meta"):
+        roles = {name: role.quant for name, role in tg.GPT(h).parameter_roles().items()}
     tensors, rest = int_tensors(payload)
     entropy = sum(tg.int_entropy_bytes(torch.from_numpy(q)) for _, q in tensors if q.size)
     print(f"payload {len(payload):,} bytes ({sum(q.size for _, q in tensors):,} ints, {len(rest):,} bytes of header "
@@ -287,8 +292,8 @@ def main():
     print("\n| coder | bytes | vs train_gpt brotli | compress s | decompress s |\n|---|---|---|---|---|")
     for label, size, seconds, back in rows:
         print(f"| {label} | {size:,} | {size - reference:+,} | {seconds:.1f} | {back:.2f} |")
-    role_study(payload)
-    structure_probe(payload)
+    role_study(payload, roles)
+    structure_probe(payload, roles)
 
 
 if __name__ == "__main__":

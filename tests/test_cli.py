@@ -285,3 +285,67 @@ def test_run_sh_cpu_pipeline_from_docs(shell_copy):
     assert folder.name.endswith("_smoke_test")
     assert json.loads((folder / "submission.json").read_text())["compliant"] is False
     assert "not a compliant record" in result.stderr
+
+
+# ---- train_gpt.py's command line: help, refusals before any data is read ------------------------------
+
+
+def run_train_gpt(*args, **env) -> subprocess.CompletedProcess:
+    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "PYTHONPATH") if k in os.environ}
+    return subprocess.run([sys.executable, str(REPO / "train_gpt.py"), *args], env={**keep, "DATA_DIR": "/nonexistent", **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_every_knob_and_exits(flag):
+    done = run_train_gpt(flag, SEED="not-a-number")  # help never parses the environment
+    assert done.returncode == 0, done.stderr
+    for name in ("DATA_DIR", "MATRIX_LR", "EVAL_ONLY", "REQUANTIZE_FROM", "ATTN_CLIP_SIGMAS"):
+        assert name in done.stdout
+    assert "[model]" in done.stdout and "default 0.026" in done.stdout
+
+
+def one_line_error(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    return lines[0]
+
+
+def test_eval_only_missing_file_is_one_line(tmp_path):
+    line = one_line_error(run_train_gpt(EVAL_ONLY=str(tmp_path / "nope.ptz")))
+    assert line == f"artifact error: {tmp_path / 'nope.ptz'}: artifact not found; EVAL_ONLY takes the path of a final_model.<RUN_ID>.ptz written by train_gpt.py"
+
+
+def test_eval_only_rejects_a_file_that_is_not_an_artifact(tmp_path):
+    (tmp_path / "x.ptz").write_text("#!/bin/sh\n")
+    line = one_line_error(run_train_gpt(EVAL_ONLY=str(tmp_path / "x.ptz")))
+    assert line.startswith(f"artifact error: {tmp_path / 'x.ptz'}: not an artifact of train_gpt.py")
+
+
+def test_eval_only_takes_model_knobs_from_the_artifact_and_refuses_conflicts(tmp_path):
+    import train_gpt as tg
+
+    path = tmp_path / "a.ptz"
+    config = {"MODEL_DIM": 64, "NUM_HEADS": 4, "NUM_KV_HEADS": 2, "ROPE_DIMS": 8, "MLP_MULT": 3}
+    path.write_bytes(tg.pack_artifact(config, b"B"))
+    line = one_line_error(run_train_gpt(EVAL_ONLY=str(path), MODEL_DIM="128"))
+    assert line.startswith("config error: MODEL_DIM=128 conflicts with the artifact's MODEL_DIM=64")
+    # The knobs come from the artifact without any env var; the same value given again is fine.
+    h = tg.Hyperparameters(fixed=tg.read_artifact(str(path))[0])
+    assert (h.model_dim, h.num_heads, h.mlp_mult) == (64, 4, 3)
+    os.environ["MODEL_DIM"] = "64"
+    try:
+        assert tg.Hyperparameters(fixed=config).model_dim == 64
+    finally:
+        del os.environ["MODEL_DIM"]
+
+
+def test_record_config_without_a_gpu_is_refused_up_front():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    line = one_line_error(run_train_gpt())
+    assert line.startswith("config error: no GPU, and one micro-batch of this config needs ~")
+    assert "bash run.sh" in line

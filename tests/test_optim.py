@@ -25,12 +25,12 @@ def _model_and_batches(h, n_batches=3, batch=4, seed=0, dtype=torch.float32):
     return model, batches
 
 
-def _reference_muon_update(grad, buf, momentum, ns_steps):
+def _reference_muon_update(grad, buf, momentum, ns_steps, polar_express):
     """Straight from SPEC §4, one matrix at a time."""
     buf.mul_(momentum).add_(grad)
     u = grad + momentum * buf
     u = u / (u.norm(dim=1, keepdim=True) + 1e-7)
-    u = tg.newton_schulz(u[None], ns_steps, False)[0]
+    u = tg.newton_schulz(u[None], ns_steps, polar_express)[0]
     rows, cols = u.shape
     return u * math.sqrt(max(1.0, rows / cols))
 
@@ -49,7 +49,7 @@ def test_muon_step_matches_reference(monkeypatch):
     runtime = tg.Runtime()
     model, batches = _model_and_batches(h)
     opt = tg.Optimizers(model, h, runtime)
-    mats = model.matrix_params()
+    mats = model.params_for("muon")
     ref_w = [p.detach().clone() for p in mats]
     ref_buf = [torch.zeros_like(p) for p in mats]
     lr = h.matrix_lr * 0.5
@@ -59,7 +59,7 @@ def test_muon_step_matches_reference(monkeypatch):
         opt.step(lr_mult=0.5, muon_momentum=0.9)
         opt.zero_grad()
         for w, g, buf in zip(ref_w, grads, ref_buf):
-            u = _reference_muon_update(g, buf, 0.9, h.muon_ns_steps)
+            u = _reference_muon_update(g, buf, 0.9, h.muon_ns_steps, h.muon_polar_express)
             w.mul_(1 - lr * h.muon_wd).sub_(lr * u)
     for w, p in zip(ref_w, mats):
         assert torch.allclose(w, p, atol=1e-6, rtol=1e-5)
@@ -130,6 +130,11 @@ def test_grad_clip_uses_the_global_norm(monkeypatch):
     assert any(not torch.equal(a, p) for a, p in zip(before, opt.adam_params))
 
 
+def test_progress_follows_the_clock_or_the_step_count():
+    assert tg.training_progress(10, 30.0, 120.0, 1000) == pytest.approx(0.25)  # time budget: elapsed / budget
+    assert tg.training_progress(10, 30.0, float("inf"), 40) == pytest.approx(0.25)  # no limit: step / ITERATIONS
+
+
 def test_lr_schedule_values():
     assert tg.lr_multiplier(0.0, 0.72, 0.0) == 1.0
     assert tg.lr_multiplier(0.27, 0.72, 0.0) == 1.0
@@ -142,7 +147,7 @@ def test_lr_schedule_values():
 
 
 def test_momentum_warmup_and_ema_decay(monkeypatch):
-    h = tiny_hparams(monkeypatch)
+    h = tiny_hparams(monkeypatch, MUON_MOMENTUM=0.99)
     assert tg.muon_momentum_at(0, h) == pytest.approx(0.92)
     assert tg.muon_momentum_at(750, h) == pytest.approx(0.955)
     assert tg.muon_momentum_at(10_000, h) == pytest.approx(0.99)

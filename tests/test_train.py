@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from tiny import tiny_hparams, write_shards
+from tiny import TINY_ENV, tiny_hparams, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def _mean_val_loss(model, tokens, seq_len):
         return model(x, y).item()
 
 
-def test_tiny_model_learns_real_text_in_30_seconds(monkeypatch, tmp_path, corpus_path, sp1024_model_path):
+def test_tiny_model_learns_real_text(monkeypatch, tmp_path, corpus_path, sp1024_model_path):
     import lzma
 
     docs = tmp_path / "docs.jsonl"
@@ -99,8 +99,8 @@ def test_tiny_model_learns_real_text_in_30_seconds(monkeypatch, tmp_path, corpus
                     "--val-docs", "50", "--out", str(data), "--tokenizer", str(sp1024_model_path), "--workers", "1"],
                    check=True, capture_output=True)
     h = tiny_hparams(monkeypatch, DATA_DIR=str(data), VOCAB_SIZE=1024, TRAIN_SEQ_LEN=128, EVAL_SEQ_LEN=128,
-                     TRAIN_BATCH_TOKENS=2048, MICRO_BATCH_SEQS=16, MAX_WALLCLOCK_SECONDS=31, GPTQ_RESERVE_SECONDS=1,
-                     WARMUP_STEPS=1, MUON_MOMENTUM_WARMUP_STEPS=20, TRAIN_LOG_EVERY=20)
+                     TRAIN_BATCH_TOKENS=2048, MICRO_BATCH_SEQS=16, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=120,
+                     WARMUP_STEPS=1, MUON_MOMENTUM_WARMUP_STEPS=20, TRAIN_LOG_EVERY=50)
     runtime = tg.Runtime()
     model = tg.build_model(h, runtime, "sdpa")
     val = tg.load_validation_tokens(h.dataset_dir, h.vocab_size)[:20_000]
@@ -111,27 +111,68 @@ def test_tiny_model_learns_real_text_in_30_seconds(monkeypatch, tmp_path, corpus
     model.looping = True
     after = _mean_val_loss(model, val, 128)
     assert before > 6.5  # about ln(1024): an untrained model
-    assert after < before - 1.0, (before, after)  # ~1.5 nats on an idle 2-core machine
+    assert after < before - 1.0, (before, after)  # a step count, not a time budget: the same on any machine
+
+
+class FakeTime:
+    """train_gpt's `time` module with a clock that advances 1 s per reading, so that schedule
+    tests do not depend on how fast (or loaded) the machine is."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+    def __getattr__(self, name):
+        import time
+        return getattr(time, name)
+
+
+def _steps_and_budget(log_dir):
+    events = [json.loads(l) for l in open(Path(log_dir) / "run.jsonl")]
+    return [e for e in events if e["event"] == "step"], next((e for e in events if e["event"] == "budget"), None)
 
 
 def test_loop_follows_the_wallclock_schedule(monkeypatch, tmp_path):
-    """LR warmdown and the looping switch are driven by the elapsed training time."""
-    h, runtime, model, opt, loader, accum = _setup(monkeypatch, tmp_path, MAX_WALLCLOCK_SECONDS=7, GPTQ_RESERVE_SECONDS=1,
+    """LR warmdown and the looping switch are driven by the elapsed training time, and training stops
+    when the budget minus the measured calibration reserve is spent."""
+    h, runtime, model, opt, loader, accum = _setup(monkeypatch, tmp_path, MAX_WALLCLOCK_SECONDS=20, GPTQ_RESERVE_SECONDS=1,
                                                     WARMUP_STEPS=0, TRAIN_LOG_EVERY=1, LOG_DIR=str(tmp_path / "logs"),
-                                                    ENABLE_LOOPING_AT=0.3, WARMDOWN_FRAC=0.5)
+                                                    ENABLE_LOOPING_AT=0.3, WARMDOWN_FRAC=0.5, MIN_LR=0.0,
+                                                    GPTQ_CALIBRATION_BATCHES=2, AVERAGE_CHECK_SEQS=8)
     loader.close()
+    monkeypatch.setattr(tg, "time", FakeTime())
     tg.train(model, h, runtime, tg.Logger(runtime, h.log_dir, "run"), val_tokens=None, tables=None)
-    steps = [json.loads(l) for l in open(Path(h.log_dir) / "run.jsonl") if '"step"' in l]
+    steps, budget = _steps_and_budget(h.log_dir)
+    assert budget["reserve_s"] >= 1 and budget["train_budget_s"] == pytest.approx(20 - budget["reserve_s"])
     assert len(steps) >= 8
     times = [s["train_time_ms"] / 1000 for s in steps]
-    assert times[-1] >= 6.0  # stopped at the budget (7 s - 1 s reserve), not before
+    # Stopped as late as possible without crossing the budget (the next step would have).
+    assert times[-1] <= budget["train_budget_s"] < 2 * times[-1] - times[-2]
     # Each step's schedule uses the clock after the previous step.
     for prev_t, s in zip([0.0] + times, steps):
-        frac = prev_t / 6.0
+        frac = prev_t / budget["train_budget_s"]
         assert s["lr_mult"] == pytest.approx(tg.lr_multiplier(frac, 0.5, 0.0))
         assert s["looping"] == (frac >= 0.3)
     assert steps[0]["lr_mult"] == 1.0 and steps[-1]["lr_mult"] < 0.3
     assert not steps[0]["looping"] and steps[-1]["looping"]
+
+
+def test_without_a_time_limit_the_schedule_follows_the_step_count(monkeypatch, tmp_path):
+    """MAX_WALLCLOCK_SECONDS=0 (step-matched A/B runs): warmdown and looping still happen, at step/ITERATIONS."""
+    h, runtime, model, opt, loader, accum = _setup(monkeypatch, tmp_path, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=40,
+                                                    WARMUP_STEPS=0, TRAIN_LOG_EVERY=1, LOG_DIR=str(tmp_path / "logs"),
+                                                    ENABLE_LOOPING_AT=0.35, WARMDOWN_FRAC=0.85, MIN_LR=0.1)
+    loader.close()
+    tg.train(model, h, runtime, tg.Logger(runtime, h.log_dir, "run"), val_tokens=None, tables=None)
+    steps, _ = _steps_and_budget(h.log_dir)
+    assert len(steps) == 40
+    for i, s in enumerate(steps):  # step i+1 is scheduled with the fraction i/40
+        assert s["lr_mult"] == pytest.approx(1.0 if i / 40 < 0.15 else 0.1 + 0.9 * (1 - i / 40) / 0.85)
+        assert s["looping"] == (i / 40 >= 0.35)
+    assert steps[-1]["lr_mult"] < 0.2
 
 
 @pytest.mark.parametrize("drift, expected", [(0.0, "ema"), (5.0, "raw")])
@@ -195,10 +236,28 @@ def test_torchrun_two_processes_match_one_process(tmp_path, sp1024_model_path):
     final = {name: next(e for e in events if e["event"] == "final") for name, events in runs.items()}
     assert final["one"]["status"] == final["two"]["status"] == "ok"
     assert final["two"]["val_bpb"] == pytest.approx(final["one"]["val_bpb"], rel=1e-3)
-    # EVAL_ONLY re-scores the saved artifact without training, to the same number.
-    env = {**os.environ, **_pipeline_env(tmp_path, sp1024_model_path, "rescore"), "EVAL_ONLY": final["one"]["artifact_path"]}
+    # EVAL_ONLY re-scores the saved artifact without training, to the same number, rebuilding the
+    # model from the artifact alone: no model knob is given.
+    model_knobs = {"VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOOP_START", "LOOP_END",
+                   "NUM_LOOPS", "PARALLEL_START", "XSA_LAST_N", "ROPE_DIMS"}
+    assert model_knobs <= set(TINY_ENV) | {"VOCAB_SIZE"}
+    base = {k: v for k, v in _pipeline_env(tmp_path, sp1024_model_path, "rescore").items() if k not in model_knobs}
+    env = {**{k: v for k, v in os.environ.items() if k not in model_knobs}, **base, "EVAL_ONLY": final["one"]["artifact_path"]}
     done = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rescored = _jsonl(tmp_path / "logs" / "rescore.jsonl")
     assert not any(e["event"] == "step" for e in rescored)
-    assert next(e for e in rescored if e["event"] == "final")["val_bpb"] == final["one"]["val_bpb"]
+    rescored_final = next(e for e in rescored if e["event"] == "final")
+    assert rescored_final["val_bpb"] == final["one"]["val_bpb"]
+    assert rescored_final["eval_time_s"] > 0 and rescored_final["eval_time_projected"] is True
+    # REQUANTIZE_FROM: the saved averaged weights, quantized with other quantization knobs, no training.
+    env = {**os.environ, **_pipeline_env(tmp_path, sp1024_model_path, "requant"), "REQUANTIZE_FROM": final["one"]["weights_path"],
+           "MATRIX_BITS": "4", "ARTIFACT_TARGET_BYTES": "10000000"}
+    done = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    requant = _jsonl(tmp_path / "logs" / "requant.jsonl")
+    assert not any(e["event"] == "step" for e in requant)
+    artifact = next(e for e in requant if e["event"] == "artifact")
+    assert artifact["report"]["bits"]["blocks.0.mlp.up.weight"] == 4
+    requant_final = next(e for e in requant if e["event"] == "final")
+    assert requant_final["status"] == "ok" and requant_final["val_bpb"] != final["one"]["val_bpb"]
