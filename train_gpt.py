@@ -155,8 +155,8 @@ class Hyperparameters:
         with config_section("data"):  # data and run identity
             self.data_dir = env_str("DATA_DIR", "./data", "root holding datasets/ and tokenizers/")
             self.dataset = env_str("DATASET", "", "dataset folder under DATA_DIR/datasets/; empty = fineweb10B_sp{VOCAB_SIZE}")
-            self.tokenizer_path = env_str("TOKENIZER_PATH", "", "sentencepiece model; empty = DATA_DIR/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model")
-            self.run_id = env_str("RUN_ID", "", "name of this run's logs/ files; empty = <date>_<time>_<6 hex digits>")
+            self.tokenizer_path = env_str("TOKENIZER_PATH", "", "sentencepiece model; empty = the one the dataset's manifest.json names, else DATA_DIR/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model")
+            self.run_id = env_str("RUN_ID", "", "name of this run's logs/ files; empty = <YYYYmmdd_HHMMSS>_<6 hex digits>")
             self.seed = env_int("SEED", 1337, "seed for weights and data order")
             self.log_dir = env_str("LOG_DIR", "logs", "folder for <RUN_ID>.txt, <RUN_ID>.jsonl and the artifact")
 
@@ -241,6 +241,10 @@ class Hyperparameters:
             self.ttt_epochs = env_int("TTT_EPOCHS", 3, "TTT passes over each scored chunk", min_value=0)
             self.ttt_chunk_tokens = env_int("TTT_CHUNK_TOKENS", 32768, "TTT chunk length in tokens", min_value=1)
             self.ttt_grad_clip = env_float("TTT_GRAD_CLIP", 1.0, "TTT gradient-norm clip; 0 = off", min_value=0)
+            self.ngram_tilt_enabled = env_bool("NGRAM_TILT_ENABLED", False, "tilt each scored distribution toward the token that most often followed the same context earlier in the stream")
+            self.ngram_tilt_order = env_int("NGRAM_TILT_ORDER", 16, "n-gram tilt: n; the context is the previous n-1 tokens", min_value=2)
+            self.ngram_tilt_threshold = env_float("NGRAM_TILT_THRESHOLD", 0.8, "n-gram tilt fires where top_count/total of the context >= this", min_value=0, max_value=1)
+            self.ngram_tilt_boost = env_float("NGRAM_TILT_BOOST", 2.625, "n-gram tilt: log-boost of the hint token, p'(h) ~ p(h)*e^boost", min_value=0)
             self.val_max_tokens = env_int("VAL_MAX_TOKENS", 0, "score only the first N validation tokens (smoke runs; the score is then not comparable); 0 = all", min_value=0)
             self.eval_only = env_str("EVAL_ONLY", "", "path of a saved .ptz artifact to re-score without training (its model and quantization knobs come from it)")
             self.requantize_from = env_str("REQUANTIZE_FROM", "", "path of a saved final_model.<RUN_ID>.pt: quantize it with this run's quantization knobs and score it, without training")
@@ -269,7 +273,11 @@ class Hyperparameters:
 
     @property
     def tokenizer_file(self) -> str:
-        return self.tokenizer_path or os.path.join(self.data_dir, "tokenizers", f"fineweb_{self.vocab_size}_bpe.model")
+        """TOKENIZER_PATH, else the tokenizer the dataset's manifest names (relative to DATA_DIR), else FineWeb's."""
+        if self.tokenizer_path:
+            return self.tokenizer_path
+        named = read_dataset_manifest(self.dataset_dir).get("tokenizer", {}).get("file")
+        return os.path.join(self.data_dir, named or os.path.join("tokenizers", f"fineweb_{self.vocab_size}_bpe.model"))
 
     @property
     def dataset_dir(self) -> str:
@@ -367,6 +375,9 @@ SHARD_HEADER_INTS = 256
 BOS_ID = 1
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 DATA_HELP = "download shards with data/cached_challenge_fineweb.py or build them with data/prepare_docs.py"
+BYTE_SIDECAR_GLOB = "fineweb_val_bytes_*.bin"  # per validation token: its original UTF-8 bytes, in shard format
+CASEOPS_OPERATORS = ("\ue001", "\ue002", "\ue003", "\ue004")  # TITLE, ALLCAPS, CAPNEXT, ESCAPE (data/caseops.py)
+CHALLENGE_VAL_DOCS = 50_000  # documents in the challenge's FineWeb validation split
 
 
 class DataError(RuntimeError):
@@ -409,7 +420,7 @@ def list_shards(dataset_dir: str, split: str) -> list[str]:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not os.path.isdir(dataset_dir):
         raise DataError(f"{dataset_dir}: dataset folder does not exist; check DATA_DIR/VOCAB_SIZE, or {DATA_HELP}")
-    files = sorted(glob.glob(os.path.join(dataset_dir, f"fineweb_{split}_*.bin")))
+    files = sorted(glob.glob(os.path.join(dataset_dir, f"fineweb_{split}_[0-9]*.bin")))  # not the byte side-car
     if not files:
         raise DataError(f"{dataset_dir}: no fineweb_{split}_*.bin shards; {DATA_HELP}")
     return files
@@ -422,6 +433,17 @@ def load_validation_tokens(dataset_dir: str, vocab_size: int) -> Tensor:
     if len(tokens) < 2:
         raise DataError(f"{dataset_dir}: validation shards hold {len(tokens)} tokens, need at least 2 to score; {DATA_HELP}")
     return tokens
+
+
+def read_dataset_manifest(dataset_dir: str) -> dict:
+    """The manifest.json the data/ scripts write into a dataset folder, or {} when it has none."""
+    path = os.path.join(dataset_dir, "manifest.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: unreadable manifest ({error}); rebuild the dataset or delete the file") from None
 
 
 def _check_not_validation(files: list[str]) -> None:
@@ -568,9 +590,6 @@ class ByteTables:
     has_leading_space: Tensor  # bool [V]: the piece starts with '▁'
     is_boundary: Tensor       # bool [V]: control/unknown/unused pieces (no space is counted after them)
 
-    def to(self, device) -> "ByteTables":
-        return ByteTables(self.base_bytes.to(device), self.has_leading_space.to(device), self.is_boundary.to(device))
-
     def target_bytes(self, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
         """Bytes of each target token given the token before it (same shapes), as int32."""
         space = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]
@@ -624,14 +643,33 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
     return ByteTables(torch.from_numpy(base_bytes), torch.from_numpy(has_leading_space), torch.from_numpy(is_boundary))
 
 
-def count_validation_bytes(val_tokens: Tensor, tables: ByteTables) -> int:
-    """UTF-8 bytes of all scored targets val_tokens[1:] given their predecessors: the bpb denominator."""
-    total = 0
-    chunk = 1 << 22  # bounded memory for long streams
-    for start in range(0, len(val_tokens) - 1, chunk):
-        end = min(start + chunk, len(val_tokens) - 1)
-        total += int(tables.target_bytes(val_tokens[start:end], val_tokens[start + 1:end + 1]).sum(dtype=torch.int64))
-    return total
+def is_caseops(sp, manifest: dict) -> bool:
+    """CaseOps data (FRONTIER §6): the manifest says so, or the tokenizer has the case operator pieces."""
+    return bool(manifest.get("caseops")) or any(sp.id_to_piece(sp.piece_to_id(op)) == op for op in CASEOPS_OPERATORS)
+
+
+def validation_target_bytes(dataset_dir: str, val_tokens: Tensor, tables: ByteTables, caseops: bool, log=log_nothing) -> Tensor:
+    """Bytes of every target (int32 [len(val_tokens) - 1]; target i is val_tokens[i+1]): the bpb denominator
+    of every evaluation. From the dataset's byte side-car when it has one (entry j = original UTF-8 bytes of
+    token j), else from the tokenizer's tables. CaseOps pieces spell the transformed text, not the original,
+    so a CaseOps dataset must have the side-car; one with a small validation split gets a warning."""
+    sidecars = sorted(glob.glob(os.path.join(dataset_dir, BYTE_SIDECAR_GLOB)))
+    if not sidecars:
+        if caseops:
+            raise DataError(f"{dataset_dir}: CaseOps dataset without a byte side-car ({BYTE_SIDECAR_GLOB}), so its bytes cannot be "
+                            "counted; rebuild it with data/prepare_docs.py --caseops or data/cached_challenge_fineweb.py --variant sp8192-caseops")
+        log("bytes: tokenizer tables")
+        return tables.target_bytes(val_tokens[:-1], val_tokens[1:])
+    counts = np.concatenate([read_shard(path) for path in sidecars])
+    if len(counts) != len(val_tokens):
+        raise DataError(f"{sidecars[0]}: the byte side-car has {len(counts)} entries for {len(val_tokens)} validation tokens; "
+                        "they must align one to one, rebuild the dataset")
+    if counts[val_tokens.numpy() == BOS_ID].any():  # BOS spells no text: a nonzero count there means misalignment
+        raise DataError(f"{sidecars[0]}: the byte side-car gives BOS tokens bytes, so it is not aligned with the tokens; rebuild the dataset")
+    log(f"bytes: side-car {sidecars[0]}" + (f" (+{len(sidecars) - 1} more)" if len(sidecars) > 1 else ""))
+    if caseops and (val_docs := int((val_tokens == BOS_ID).sum())) < CHALLENGE_VAL_DOCS:
+        log(f"WARNING: CaseOps validation split of {val_docs} documents, not the challenge's {CHALLENGE_VAL_DOCS:,}: not a comparable score")
+    return torch.from_numpy(counts[1:].astype(np.int32))
 
 
 # ==================================================================================================
@@ -873,14 +911,18 @@ class SoftcapHead(nn.Module):
         super().__init__()
         self.softcap = softcap
 
-    def forward(self, hidden: Tensor, embedding: Tensor, target_ids: Tensor | None, reduction: str) -> Tensor:
+    def forward(self, hidden: Tensor, embedding: Tensor, target_ids: Tensor | None, reduction: str,
+                hint_ids: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         z = F.linear(hidden, embedding.to(hidden.dtype))
         cap = torch.tensor(self.softcap, device=z.device)
         if target_ids is None:
             return softcap(z, cap, cap)
-        nll, _ = softcap_cross_entropy(z.flatten(0, 1), target_ids.flatten(), cap, cap)
+        if hint_ids is not None and reduction != "none":
+            raise ValueError(f"hint_ids need reduction='none' (got {reduction!r}): the hint nll is per token")
+        nll, hint_nll = softcap_cross_entropy(z.flatten(0, 1), target_ids.flatten(), cap, cap,
+                                              None if hint_ids is None else hint_ids.flatten())
         if reduction == "none":
-            return nll.view_as(target_ids)
+            return nll.view_as(target_ids) if hint_ids is None else (nll.view_as(target_ids), hint_nll.view_as(hint_ids))
         return nll.sum() if reduction == "sum" else nll.mean()
 
 
@@ -956,9 +998,11 @@ class GPT(nn.Module):
             x = 0.5 * (x + lane1)
         return self.final_norm(x)
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean") -> Tensor:
-        """Logits [B,T,V] without targets; else the fp32 cross-entropy ('mean', 'sum' or per-token 'none')."""
-        return self.head(self.hidden(input_ids), self.tok_emb.weight, target_ids, reduction)
+    def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean",
+                hint_ids: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits [B,T,V] without targets; else the fp32 cross-entropy ('mean', 'sum' or per-token 'none');
+        with hint_ids (and 'none') the pair (nll, -log p(hint)) from the same logits (n-gram tilt)."""
+        return self.head(self.hidden(input_ids), self.tok_emb.weight, target_ids, reduction, hint_ids)
 
     def parameter_roles(self) -> dict[str, Role]:
         """{state_dict name: Role} of every parameter, as declared where each was created."""
@@ -1905,6 +1949,8 @@ class EvalResult:
     tokens: int          # scored targets
     bytes: int           # their UTF-8 bytes
     seconds: float
+    untilted: EvalResult | None = None  # with the n-gram tilt on: the same scores untilted (the A/B)
+    gated: int = 0                      # scored targets where the n-gram tilt fired
 
 
 # A scoring plan is an int64 tensor of windows, one row (start, score_from, score_to) each, in
@@ -1970,53 +2016,168 @@ def rank_share(begin: int, end: int, runtime: Runtime) -> tuple[int, int]:
     return begin + n * runtime.rank // runtime.world_size, begin + n * (runtime.rank + 1) // runtime.world_size
 
 
-def score_windows(model: nn.Module, tokens: Tensor, tables: ByteTables, windows: Tensor, seq_len: int,
-                  batch_windows: int, totals: Tensor) -> None:
-    """Add (nats, bytes, count) of the scored targets of `windows` to `totals` (float64 [3]), in
-    forwards of exactly batch_windows windows. Call under no_grad."""
+# N-gram tilt (FRONTIER §1). The hint of target i (= val_tokens[i+1]) is the token that most often
+# followed the same NGRAM_TILT_ORDER-1 tokens val_tokens[i-order+2 : i+1] earlier in the stream (across
+# documents; ties: the token that reached the top count first), read BEFORE the update with target i, so it depends on
+# val_tokens[:i+1] only; it fires where top_count/total >= NGRAM_TILT_THRESHOLD. There the scored
+# distribution becomes p'(a) = p(a)*e^(b*[a=h]) / Z, Z = 1 + p(h)*(e^b - 1), normalised in closed form:
+# nll' = nll - b*[y=h] + log1p(p(h)*expm1(b)). Training and TTT updates use the untilted loss.
+def run_begins(sorted_keys: Tensor) -> Tensor:
+    """bool per slot of a sorted 1-D tensor: a run of equal keys begins here."""
+    new = torch.ones_like(sorted_keys, dtype=torch.bool)
+    new[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return new
+
+
+def run_start_slots(new: Tensor) -> Tensor:
+    """int32 per slot: the slot where its run begins (new = run_begins(...))."""
+    return torch.arange(new.numel(), device=new.device, dtype=torch.int32)[new][torch.cumsum(new, 0) - 1]
+
+
+def window_ids(tokens: Tensor, length: int) -> Tensor:
+    """int64 ids with ids[p] == ids[q] exactly when tokens[p:p+length] == tokens[q:q+length], by prefix
+    doubling: the window of span+step tokens at p is the pair (span-window at p, span-window at
+    p+step), packed as id[p]*base + id[p+step]; ids are re-ranked densely (a sort) only where the
+    packing would overflow. No hashing, so two different contexts can never collide."""
+    ids, span = tokens, 1
+    while span < length:
+        step, base = min(span, length - span), int(ids.max()) + 1
+        if base > 2**31:
+            sorted_ids, order = torch.sort(ids)
+            del ids
+            ranks = torch.empty_like(order, dtype=torch.int32)
+            ranks[order] = torch.cumsum(run_begins(sorted_ids), 0, dtype=torch.int32)
+            del sorted_ids, order
+            ids, base = ranks, int(ranks.max()) + 1
+        ids = ids[:-step].long() * base + ids[step:]
+        span += step
+    return ids
+
+
+@torch.no_grad()
+def ngram_hints(tokens: Tensor, order: int, threshold: float) -> tuple[Tensor, Tensor]:
+    """(hints int32, gates bool) per target of the stream `tokens`; targets whose context is incomplete
+    or new get hint 0 and no gate. The state machine, vectorised: a stable sort by context puts each
+    context's occurrences together in stream order (contexts seen once are dropped: they never give
+    or get a hint); a second stable sort by (context, follower) gives the running pair counts; the
+    running top is a cummax inside each run, and read-before-update is a shift by one slot."""
+    num_targets, k = tokens.numel() - 1, order - 1
+    if num_targets < k:
+        hints = torch.zeros(max(num_targets, 0), dtype=torch.int32, device=tokens.device)
+        return hints, hints.bool()
+    sorted_ids, by_context = torch.sort(window_ids(tokens[:num_targets], k), stable=True)  # window p = context of target p+k-1
+    new = run_begins(sorted_ids)
+    del sorted_ids
+    repeated = ~(new & torch.cat((new[1:], new.new_ones(1))))  # not a run of one
+    by_context, new = by_context[repeated], new[repeated]
+    follower = tokens[by_context + k]
+    sorted_pairs, by_pair = torch.sort(torch.cumsum(new, 0) * (int(tokens.max()) + 1) + follower, stable=True)
+    count = torch.empty_like(by_pair, dtype=torch.int32)  # the pair's count after the update with this slot
+    idx = torch.arange(count.numel(), device=count.device, dtype=torch.int32)
+    count[by_pair] = idx - run_start_slots(run_begins(sorted_pairs)) + 1
+    start = run_start_slots(new)
+    total = idx - start + 1
+    top = torch.cummax(start + count, 0).values - start  # start+count stays below the next run's start
+    # The top token is the follower of the run's latest record (a count above every earlier one):
+    # the record update `pair_count > top_count`, so ties keep the earlier token.
+    leader = torch.cummax(torch.where(count > torch.where(new, 0, top.roll(1)), idx, 0), 0).values
+    gate = ~new & (top.roll(1).double() / total.roll(1).double() >= threshold)  # the state after slot q-1
+    hints = torch.zeros(num_targets, dtype=torch.int32, device=tokens.device)
+    gates = torch.zeros(num_targets, dtype=torch.bool, device=tokens.device)
+    hints[by_context + k - 1] = torch.where(new, 0, follower[leader].roll(1)).to(torch.int32)
+    gates[by_context + k - 1] = gate
+    return hints, gates
+
+
+@dataclass
+class NgramTilt:
+    """A stream's hints (ngram_hints) and the boost; gather() and apply() serve every scoring path."""
+    hints: Tensor  # int32 [num_targets]
+    gates: Tensor  # bool [num_targets]
+    boost: float
+
+    def gather(self, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """(hint_ids int64, gates) at target indices `positions`; no gate where not `valid`."""
+        positions = torch.where(valid, positions, 0)
+        return self.hints[positions].long(), self.gates[positions] & valid
+
+    def apply(self, nll: Tensor, hint_nll: Tensor, target_ids: Tensor, hint_ids: Tensor, gates: Tensor) -> Tensor:
+        """nll' = nll - b*[y=h] + log1p(p(h)*expm1(b)) where gated, else nll; hint_nll = -log p(h)
+        from the same logits as nll (GPT.forward with hint_ids)."""
+        tilted = nll - self.boost * (target_ids == hint_ids) + torch.log1p(torch.exp(-hint_nll) * math.expm1(self.boost))
+        return torch.where(gates, tilted, nll)
+
+
+def ngram_tilt(tokens: Tensor, h: Hyperparameters) -> NgramTilt | None:
+    """The stream's tilt on tokens' device, or None when NGRAM_TILT_ENABLED=0. Every rank builds all the
+    hints itself: a hint depends on every earlier occurrence of its context, so even one rank's targets
+    need the global sort, which takes well under a second on a GPU; sharing it would cost collectives
+    as large as the result and save nothing."""
+    if not h.ngram_tilt_enabled:
+        return None
+    return NgramTilt(*ngram_hints(tokens, h.ngram_tilt_order, h.ngram_tilt_threshold), h.ngram_tilt_boost)
+
+
+def score_windows(model: nn.Module, tokens: Tensor, target_bytes: Tensor, windows: Tensor, seq_len: int,
+                  batch_windows: int, totals: Tensor, tilt: NgramTilt | None = None) -> None:
+    """Add (nats, bytes, count, untilted nats, gated count) of the scored targets of `windows` to
+    `totals` (float64 [5]), in forwards of exactly batch_windows windows; target_bytes[i] is the byte
+    count of target i; with a tilt the nats are tilted. Call under no_grad."""
     for i in range(0, windows.size(0), batch_windows):
-        inputs, targets, scored = window_batch(tokens, pad_windows(windows[i : i + batch_windows], batch_windows), seq_len)
-        nll = model(inputs, targets, reduction="none")
-        target_bytes = tables.target_bytes(inputs, targets)
+        batch = pad_windows(windows[i : i + batch_windows], batch_windows)
+        inputs, targets, scored = window_batch(tokens, batch, seq_len)
+        positions = (batch[:, :1] + torch.arange(seq_len, device=tokens.device)).clamp(max=target_bytes.numel() - 1)
+        if tilt is None:
+            nll = untilted = model(inputs, targets, reduction="none")
+            gates = torch.zeros_like(scored)
+        else:
+            hint_ids, gates = tilt.gather(positions, scored)
+            untilted, hint_nll = model(inputs, targets, reduction="none", hint_ids=hint_ids)
+            nll = tilt.apply(untilted, hint_nll, targets, hint_ids, gates)
         totals += torch.stack((torch.where(scored, nll.double(), 0.0).sum(),
-                               torch.where(scored, target_bytes, 0).sum().double(),
-                               scored.sum().double()))
+                               torch.where(scored, target_bytes[positions], 0).sum().double(),
+                               scored.sum().double(), torch.where(scored, untilted.double(), 0.0).sum(),
+                               gates.sum().double()))
 
 
-def eval_result(stage: str, totals: Tensor, seconds: float) -> EvalResult:
-    nats, num_bytes, count = totals.tolist()
-    return EvalResult(stage, nats / count, nats / (math.log(2) * num_bytes), int(count), int(num_bytes), seconds)
+def eval_result(stage: str, totals: Tensor, seconds: float, tilted: bool = False) -> EvalResult:
+    nats, num_bytes, count, untilted_nats, gated = totals.tolist()
+    result, untilted = (EvalResult(name, n / count, n / (math.log(2) * num_bytes), int(count), int(num_bytes), seconds)
+                        for name, n in ((stage, nats), (f"{stage}_untilted", untilted_nats)))
+    result.untilted, result.gated = (untilted, int(gated)) if tilted else (None, 0)
+    return result
 
 
-def eval_windows(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperparameters,
+def eval_windows(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
                  runtime: Runtime, stage: str, windows: Tensor) -> EvalResult:
     """Score a plan: windows split over ranks, VAL_BATCH_TOKENS per forward, sums all-reduced in float64."""
     synchronize(runtime)
     t0 = time.perf_counter()
-    tokens, tables = val_tokens.to(runtime.device), tables.to(runtime.device)
+    tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
+    tilt = ngram_tilt(tokens, h)
     begin, end = rank_share(0, windows.size(0), runtime)
     # Static shapes, but no padding beyond the largest rank's share (tiny validation sets on CPU).
     batch_windows = max(1, min(h.val_batch_tokens // h.eval_seq_len, math.ceil(windows.size(0) / runtime.world_size)))
-    totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)
+    totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
     with looping_enabled(model), torch.no_grad():
-        score_windows(model, tokens, tables, windows[begin:end].to(runtime.device), h.eval_seq_len, batch_windows, totals)
+        score_windows(model, tokens, target_bytes, windows[begin:end].to(runtime.device), h.eval_seq_len, batch_windows, totals, tilt)
     all_reduce_sum(totals, runtime)
     synchronize(runtime)
-    return eval_result(stage, totals, time.perf_counter() - t0)
+    return eval_result(stage, totals, time.perf_counter() - t0, tilt is not None)
 
 
-def eval_plain(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperparameters,
+def eval_plain(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
                runtime: Runtime, stage: str = "plain") -> EvalResult:
     """Non-overlapping EVAL_SEQ_LEN windows over the whole stream, tail included."""
     windows = plain_windows(val_tokens.numel() - 1, h.eval_seq_len)
-    return eval_windows(model, val_tokens, tables, h, runtime, stage, windows)
+    return eval_windows(model, val_tokens, target_bytes, h, runtime, stage, windows)
 
 
-def eval_sliding(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperparameters,
+def eval_sliding(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
                  runtime: Runtime, stage: str = "sliding") -> EvalResult:
     """EVAL_SEQ_LEN windows advanced by EVAL_STRIDE; every target scored once with >= len - stride context."""
     windows = sliding_windows(val_tokens.numel() - 1, h.eval_seq_len, h.eval_stride)
-    return eval_windows(model, val_tokens, tables, h, runtime, stage, windows)
+    return eval_windows(model, val_tokens, target_bytes, h, runtime, stage, windows)
 
 
 def all_reduce_grads(params: list[nn.Parameter], runtime: Runtime) -> None:
@@ -2057,7 +2218,7 @@ def train_on_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: torc
         optimizer.step()
 
 
-def eval_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperparameters,
+def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
              runtime: Runtime, log=log_nothing, stage: str = "ttt") -> EvalResult:
     """Legal score-first test-time training (SPEC §7). The targets are cut into TTT_CHUNK_TOKENS
     chunks; each chunk is first scored with the sliding plan under no_grad (those losses are the
@@ -2067,7 +2228,8 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperp
     and CHANGES THE MODEL'S WEIGHTS IN PLACE: run it last, or on a copy."""
     synchronize(runtime)
     t0 = time.perf_counter()
-    tokens, tables = val_tokens.to(runtime.device), tables.to(runtime.device)
+    tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
+    tilt = ngram_tilt(tokens, h)
     num_targets, seq_len, chunk_tokens = tokens.numel() - 1, h.eval_seq_len, h.ttt_chunk_tokens
     windows = split_at_chunks(sliding_windows(num_targets, seq_len, h.eval_stride), chunk_tokens, seq_len)
     chunk_begins = list(range(0, num_targets, chunk_tokens))
@@ -2082,14 +2244,14 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperp
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-    totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)
+    totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
     log_every = max(1, num_chunks // 20)
     try:
         with looping_enabled(model):
             for c, chunk_begin in enumerate(chunk_begins):
                 begin, end = rank_share(window_bounds[c], window_bounds[c + 1], runtime)
                 with torch.no_grad():
-                    score_windows(model, tokens, tables, windows[begin:end], seq_len, batch_windows, totals)
+                    score_windows(model, tokens, target_bytes, windows[begin:end], seq_len, batch_windows, totals, tilt)
                 if c < num_chunks - 1:
                     lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
                     chunk_end = min(chunk_begin + chunk_tokens, num_targets)
@@ -2102,7 +2264,7 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, tables: ByteTables, h: Hyperp
         optimizer.zero_grad(set_to_none=True)
     all_reduce_sum(totals, runtime)
     synchronize(runtime)
-    return eval_result(stage, totals, time.perf_counter() - t0)
+    return eval_result(stage, totals, time.perf_counter() - t0, tilt is not None)
 
 
 # ==================================================================================================
@@ -2193,6 +2355,10 @@ def log_eval(log: Logger, result: EvalResult) -> None:
     log(f"{result.stage} val_loss:{result.loss:.6f} val_bpb:{result.bpb:.6f} eval_time:{result.seconds * 1000:.0f}ms")
     log.metrics(event="eval", stage=result.stage, val_loss=result.loss, val_bpb=result.bpb,
                 eval_time_ms=result.seconds * 1000, tokens=result.tokens, bytes=result.bytes)
+    if result.untilted is not None:
+        log_eval(log, result.untilted)
+        log(f"ngram_tilt {result.stage} gated:{result.gated}/{result.tokens} ({result.gated / result.tokens:.2%})")
+        log.metrics(event="ngram_tilt", stage=result.stage, gated=result.gated, scored=result.tokens)
 
 
 def log_timing(log: Logger, name: str, seconds: float) -> None:
@@ -2201,7 +2367,7 @@ def log_timing(log: Logger, name: str, seconds: float) -> None:
 
 
 def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tokens: Tensor,
-          tables: ByteTables) -> tuple[TrainLoader, WeightAverager, float]:
+          val_target_bytes: Tensor) -> tuple[TrainLoader, WeightAverager, float]:
     """The training loop under the wallclock budget; returns (loader, averager, training seconds)."""
     micro_seqs, grad_accum_steps = batch_layout(h, runtime)
     log(f"world_size:{runtime.world_size} grad_accum_steps:{grad_accum_steps} micro_batch_seqs:{micro_seqs} "
@@ -2261,7 +2427,7 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
                         step_avg_ms=elapsed * 1000 / step, tok_s=tokens_per_s, lr_mult=lr_mult, looping=model.looping)
         if h.val_loss_every and step % h.val_loss_every == 0 and not last:
             training_seconds = elapsed  # the clock pauses during validation
-            log_eval(log, eval_plain(model, val_tokens, tables, h, runtime, stage=f"step{step}"))
+            log_eval(log, eval_plain(model, val_tokens, val_target_bytes, h, runtime, stage=f"step{step}"))
             synchronize(runtime)
             t_resume = time.perf_counter()
             continue
@@ -2339,7 +2505,7 @@ def calibration_batches(loader: TrainLoader, h: Hyperparameters, runtime: Runtim
 
 
 def evaluate_artifact(path: str, h: Hyperparameters, runtime: Runtime, log: Logger, backend: str,
-                      val_tokens: Tensor, tables: ByteTables) -> tuple[EvalResult, dict]:
+                      val_tokens: Tensor, val_target_bytes: Tensor) -> tuple[EvalResult, dict]:
     """Score an artifact file the way the rules count it: the eval clock runs from reading the file
     and building the model to the last score. Stages: plain, sliding, TTT (last: it changes the
     weights). Returns (the final result, timing fields for the final event)."""
@@ -2349,13 +2515,13 @@ def evaluate_artifact(path: str, h: Hyperparameters, runtime: Runtime, log: Logg
     model = build_model(h, runtime, backend)
     load_artifact(blob, model)
     compile_model(model, h, runtime)
-    results = [eval_plain(model, val_tokens, tables, h, runtime, stage="quantized")]
+    results = [eval_plain(model, val_tokens, val_target_bytes, h, runtime, stage="quantized")]
     log_eval(log, results[-1])
     if h.sliding_window_enabled:
-        results.append(eval_sliding(model, val_tokens, tables, h, runtime, stage="quantized_sliding"))
+        results.append(eval_sliding(model, val_tokens, val_target_bytes, h, runtime, stage="quantized_sliding"))
         log_eval(log, results[-1])
     if h.ttt_enabled:
-        results.append(eval_ttt(model, val_tokens, tables, h, runtime, log=log, stage="quantized_ttt"))
+        results.append(eval_ttt(model, val_tokens, val_target_bytes, h, runtime, log=log, stage="quantized_ttt"))
         log_eval(log, results[-1])
     synchronize(runtime)
     eval_seconds = time.perf_counter() - t0
@@ -2393,15 +2559,18 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     backend = select_attention_backend(runtime.device)
     log(f"attention_backend:{backend}")
 
-    sp = load_tokenizer(h.tokenizer_file, h.vocab_size)
-    tables = build_byte_tables(sp, h.vocab_size)
+    tokenizer_file = h.tokenizer_file
+    log(f"dataset:{h.dataset_dir} tokenizer:{tokenizer_file}")
+    sp = load_tokenizer(tokenizer_file, h.vocab_size)
+    caseops = is_caseops(sp, read_dataset_manifest(h.dataset_dir))
     val_tokens = load_validation_tokens(h.dataset_dir, h.vocab_size)
+    val_target_bytes = validation_target_bytes(h.dataset_dir, val_tokens, build_byte_tables(sp, h.vocab_size), caseops, log)
     if h.val_max_tokens and val_tokens.numel() > h.val_max_tokens:
-        val_tokens = val_tokens[: h.val_max_tokens]
+        val_tokens, val_target_bytes = val_tokens[: h.val_max_tokens], val_target_bytes[: h.val_max_tokens - 1]
         log(f"WARNING: VAL_MAX_TOKENS={h.val_max_tokens}: scoring a prefix of the validation set; not a comparable score")
-    val_bytes = count_validation_bytes(val_tokens, tables)
+    val_bytes = int(val_target_bytes.sum(dtype=torch.int64))
     log(f"val_tokens:{val_tokens.numel()} val_bytes:{val_bytes}")
-    tables = tables.to(runtime.device)
+    val_target_bytes = val_target_bytes.to(runtime.device)
 
     model = build_model(h, runtime, backend)
     num_params = sum(p.numel() for p in model.parameters())
@@ -2414,7 +2583,7 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     final = dict(event="final", status="ok", error=None, world_size=runtime.world_size, train_time_s=0.0)
 
     if h.eval_only:
-        result, timing = evaluate_artifact(h.eval_only, h, runtime, log, backend, val_tokens, tables)
+        result, timing = evaluate_artifact(h.eval_only, h, runtime, log, backend, val_tokens, val_target_bytes)
         final.update(val_loss=result.loss, val_bpb=result.bpb, final_stage=result.stage, **timing,
                      total_bytes=os.path.getsize(h.eval_only), artifact_path=h.eval_only)
         log.metrics(**final)
@@ -2433,8 +2602,8 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
         loader = TrainLoader(train_files, h.train_seq_len, micro_seqs, accum, runtime, h.seed, h.vocab_size)
         training_seconds, chosen = 0.0, "saved"
     else:
-        loader, averager, training_seconds = train(model, h, runtime, log, val_tokens, tables)
-        log_eval(log, eval_plain(model, val_tokens, tables, h, runtime, stage="pre_average"))
+        loader, averager, training_seconds = train(model, h, runtime, log, val_tokens, val_target_bytes)
+        log_eval(log, eval_plain(model, val_tokens, val_target_bytes, h, runtime, stage="pre_average"))
     # Choosing the weights and GPTQ calibration read training data: they count toward the train time.
     synchronize(runtime)
     t0 = time.perf_counter()
@@ -2446,7 +2615,7 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     loader.close()
     log_timing(log, "weight_choice_and_gptq_calibration", calibration_seconds)
     if chosen in ("ema", "swa"):  # raw weights were already scored as pre_average
-        log_eval(log, eval_plain(model, val_tokens, tables, h, runtime, stage=f"post_{chosen}"))
+        log_eval(log, eval_plain(model, val_tokens, val_target_bytes, h, runtime, stage=f"post_{chosen}"))
     if runtime.is_main and not h.requantize_from:  # for REQUANTIZE_FROM: re-sweep quantization without retraining
         torch.save({"config": h.artifact_config(("model",)), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
                    weights_path)
@@ -2483,7 +2652,7 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
         raise ArtifactBudgetError(f"artifact is {total_bytes} bytes, over the {ARTIFACT_LIMIT_BYTES} limit: "
                                   f"lower ARTIFACT_TARGET_BYTES or MATRIX_BITS")
 
-    result, timing = evaluate_artifact(str(artifact_path), h, runtime, log, backend, val_tokens, tables)
+    result, timing = evaluate_artifact(str(artifact_path), h, runtime, log, backend, val_tokens, val_target_bytes)
     final.update(val_loss=result.loss, val_bpb=result.bpb, final_stage=result.stage, **timing)
     if runtime.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(runtime.device) / 2**20

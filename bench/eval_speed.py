@@ -25,20 +25,19 @@ STAGES = {"plain": tg.eval_plain, "sliding": tg.eval_sliding, "ttt": tg.eval_ttt
 
 
 def random_validation(h, num_tokens):
-    """Random token ids and byte tables: speed does not depend on the text."""
+    """Random token ids and byte counts: speed does not depend on the text."""
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(4, h.vocab_size, (num_tokens,), generator=g)
     tokens[::1000] = tg.BOS_ID
-    is_boundary = torch.zeros(h.vocab_size, dtype=torch.bool)
-    is_boundary[:4] = True
-    base_bytes = torch.randint(1, 8, (h.vocab_size,), generator=g).to(torch.int16).masked_fill(is_boundary, 0)
-    has_leading_space = (torch.rand(h.vocab_size, generator=g) < 0.4) & ~is_boundary
-    return tokens, tg.ByteTables(base_bytes, has_leading_space, is_boundary)
+    return tokens, torch.randint(1, 8, (num_tokens - 1,), generator=g, dtype=torch.int32)
 
 
 def real_validation(h, num_tokens):
-    tables = tg.build_byte_tables(tg.load_tokenizer(h.tokenizer_file, h.vocab_size), h.vocab_size)
-    return tg.load_validation_tokens(h.dataset_dir, h.vocab_size)[:num_tokens], tables
+    sp = tg.load_tokenizer(h.tokenizer_file, h.vocab_size)
+    tokens = tg.load_validation_tokens(h.dataset_dir, h.vocab_size)
+    caseops = tg.is_caseops(sp, tg.read_dataset_manifest(h.dataset_dir))
+    target_bytes = tg.validation_target_bytes(h.dataset_dir, tokens, tg.build_byte_tables(sp, h.vocab_size), caseops)
+    return tokens[:num_tokens], target_bytes[: num_tokens - 1]
 
 
 def main():
@@ -52,7 +51,7 @@ def main():
         model.load_state_dict(torch.load(os.environ["BENCH_STATE"], map_location=runtime.device))
     compile_mode = tg.compile_model(model, h, runtime)
     make_validation = real_validation if os.environ.get("BENCH_REAL_DATA") == "1" else random_validation
-    val_tokens, tables = make_validation(h, num_tokens)
+    val_tokens, target_bytes = make_validation(h, num_tokens)
     log = tg.Logger(runtime, None, "")
     log(f"device:{runtime.device} world_size:{runtime.world_size} backend:{backend} compile:{compile_mode} "
         f"val_tokens:{val_tokens.numel()} eval_seq_len:{h.eval_seq_len} stride:{h.eval_stride} "
@@ -64,7 +63,7 @@ def main():
     warmup_tokens = val_tokens[: 2 * max(h.ttt_chunk_tokens, h.eval_seq_len) + 1]
     t0 = time.perf_counter()
     for name in stages:
-        STAGES[name](model, warmup_tokens, tables, h, runtime)
+        STAGES[name](model, warmup_tokens, target_bytes, h, runtime)
     model.load_state_dict(initial_state)
     log(f"warm-up (compile): {time.perf_counter() - t0:.1f}s")
 
@@ -73,7 +72,7 @@ def main():
     log(f"{'stage':<8} {'bpb':>8} {'seconds':>8} {'tok/s':>12} {'projected 40.5M on 8 GPUs':>26}")
     for name in stages:
         kwargs = {"log": log} if name == "ttt" else {}
-        result = STAGES[name](model, val_tokens, tables, h, runtime, stage=name, **kwargs)
+        result = STAGES[name](model, val_tokens, target_bytes, h, runtime, stage=name, **kwargs)
         tokens_per_s = result.tokens / result.seconds
         projected = result.seconds * FINEWEB_VAL_TOKENS / result.tokens * runtime.world_size / 8
         log(f"{name:<8} {result.bpb:>8.4f} {result.seconds:>8.1f} {tokens_per_s:>12,.0f} {projected:>25.1f}s")

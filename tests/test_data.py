@@ -5,6 +5,7 @@ import importlib.util
 import itertools
 import json
 import lzma
+import math
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from tiny import write_shard
+from tiny import tiny_hparams, write_shard
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PREPARE_DOCS = REPO_ROOT / "data" / "prepare_docs.py"
@@ -25,6 +26,8 @@ WIDE_VOCAB = 1 << 16  # loader tests store each token's position as its id, so e
 
 
 def load_script(name: str):
+    if str(REPO_ROOT / "data") not in sys.path:  # the data/ scripts import each other, as they do when run
+        sys.path.insert(0, str(REPO_ROOT / "data"))
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "data" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -284,7 +287,8 @@ def test_bytes_of_each_document_equal_its_normalized_utf8_length(request, corpus
         expected_total += len(norm.encode("utf-8"))
         changed += norm != text
     assert changed > 0  # the sample does exercise normalisation (newlines at least)
-    assert tg.count_validation_bytes(torch.tensor(stream), tables) == expected_total
+    no_sidecar = str(REPO_ROOT / "tests")  # a folder without fineweb_val_bytes_*.bin: bytes come from the tables
+    assert int(tg.validation_target_bytes(no_sidecar, torch.tensor(stream), tables, caseops=False).sum()) == expected_total
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -300,6 +304,120 @@ def test_documented_normalisation_examples(sp8192_model_path, text, expected):
     ids = torch.tensor([tg.BOS_ID] + sp.encode(text))
     assert normalized(sp, text) == expected == sp.decode(ids[1:].tolist())
     assert int(tables.target_bytes(ids[:-1], ids[1:]).sum()) == len(expected.encode())
+
+
+# --------------------------------------------------------------------------------------------------
+# Byte side-car: the per-target byte counts every bpb divides by
+
+
+def random_tables(vocab_size: int) -> tg.ByteTables:
+    g = torch.Generator().manual_seed(0)
+    is_boundary = torch.zeros(vocab_size, dtype=torch.bool)
+    is_boundary[:4] = True  # pad, bos, eos, unk
+    base_bytes = torch.randint(1, 5, (vocab_size,), generator=g).to(torch.int16).masked_fill(is_boundary, 0)
+    return tg.ByteTables(base_bytes, (torch.rand(vocab_size, generator=g) < 0.4) & ~is_boundary, is_boundary)
+
+
+def dataset_with_sidecar(folder: Path, val: torch.Tensor, sidecar, split_at: int | None = None) -> str:
+    """Validation shards of val (cut at split_at) and, when sidecar is not None, its side-car cut the same way."""
+    folder.mkdir(parents=True)
+    cuts = [0, split_at or len(val), len(val)]
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        if b > a:
+            write_shard(folder / f"fineweb_val_{i:06d}.bin", val[a:b].numpy())
+            if sidecar is not None:
+                write_shard(folder / f"fineweb_val_bytes_{i:06d}.bin", np.asarray(sidecar[a:b]))
+    return str(folder)
+
+
+def table_sidecar(val: torch.Tensor, tables: tg.ByteTables) -> np.ndarray:
+    """A side-car written from the tables: entry j is token j's bytes as a target, 0 for the first token."""
+    return np.concatenate(([0], tables.target_bytes(val[:-1], val[1:]).numpy()))
+
+
+def test_sidecar_bytes_are_what_every_bpb_divides_by(monkeypatch, tmp_path):
+    h = tiny_hparams(monkeypatch, VAL_BATCH_TOKENS=128)
+    tables, model = random_tables(h.vocab_size), tg.GPT(h)
+    val = torch.randint(4, h.vocab_size, (301,), generator=torch.Generator().manual_seed(1))
+    val[::37] = tg.BOS_ID
+    sidecar = table_sidecar(val, tables)
+    logged = []
+    from_tables = tg.validation_target_bytes(str(tmp_path / "none"), val, tables, caseops=False, log=logged.append)
+    from_sidecar = tg.validation_target_bytes(dataset_with_sidecar(tmp_path / "same", val, sidecar, split_at=150),
+                                              val, tables, caseops=False, log=logged.append)
+    assert from_tables.dtype == from_sidecar.dtype == torch.int32 and torch.equal(from_tables, from_sidecar)
+    assert logged == ["bytes: tokenizer tables",
+                      f"bytes: side-car {tmp_path / 'same' / 'fineweb_val_bytes_000000.bin'} (+1 more)"]
+    doubled = tg.validation_target_bytes(dataset_with_sidecar(tmp_path / "doubled", val, 2 * sidecar), val, tables, caseops=False)
+    with torch.no_grad():
+        plain = [tg.eval_plain(model, val, target_bytes, h, tg.Runtime()) for target_bytes in (from_tables, from_sidecar, doubled)]
+    assert plain[0].bpb == plain[1].bpb and plain[0].bytes == int(sidecar.sum())
+    assert plain[2].loss == plain[0].loss and plain[2].bpb == pytest.approx(plain[0].bpb / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("case", ["caseops_without_sidecar", "short_sidecar", "shifted_sidecar"])
+def test_byte_sidecar_problems_are_refused(tmp_path, case):
+    tables = random_tables(64)
+    val = torch.tensor([tg.BOS_ID, 10, 11, 12, tg.BOS_ID, 20, 21])
+    sidecar = table_sidecar(val, tables)
+    sidecar, expect = {"caseops_without_sidecar": (None, "CaseOps dataset without a byte side-car"),
+                       "short_sidecar": (sidecar[:-1], "6 entries for 7 validation tokens"),
+                       "shifted_sidecar": (np.roll(sidecar, 1), "gives BOS tokens bytes")}[case]
+    folder = dataset_with_sidecar(tmp_path / "data", val, sidecar)
+    with pytest.raises(tg.DataError, match=expect):
+        tg.validation_target_bytes(folder, val, tables, caseops=True)
+
+
+def test_validation_shards_exclude_the_sidecar(tmp_path):
+    val = torch.tensor([tg.BOS_ID, 10, 11])
+    folder = dataset_with_sidecar(tmp_path / "data", val, [0, 3, 4])
+    assert tg.list_shards(folder, "val") == [str(tmp_path / "data" / "fineweb_val_000000.bin")]
+    assert tg.load_validation_tokens(folder, 64).tolist() == val.tolist()
+
+
+def test_tokenizer_comes_from_the_dataset_manifest(monkeypatch, tmp_path):
+    dataset = tmp_path / "datasets" / "docs_sp256"
+    dataset.mkdir(parents=True)
+    default = str(tmp_path / "tokenizers" / "fineweb_256_bpe.model")
+    h = tiny_hparams(monkeypatch, DATA_DIR=str(tmp_path), DATASET="docs_sp256", TOKENIZER_PATH="")
+    assert h.tokenizer_file == default  # no manifest: the FineWeb default
+    (dataset / "manifest.json").write_text(json.dumps({"tokenizer": {"file": "tokenizers/docs_sp256.model"}}))
+    assert h.tokenizer_file == str(tmp_path / "tokenizers" / "docs_sp256.model")
+    assert tiny_hparams(monkeypatch, DATA_DIR=str(tmp_path), DATASET="docs_sp256", TOKENIZER_PATH="x.model").tokenizer_file == "x.model"
+    (dataset / "manifest.json").write_text("{not json")
+    with pytest.raises(tg.DataError, match="manifest.json: unreadable manifest"):
+        h.tokenizer_file
+
+
+def test_every_reported_bpb_counts_the_sidecar_bytes(tmp_path, sp1024_model_path):
+    """The whole script, on a dataset whose manifest names its tokenizer and whose side-car says every
+    target has twice the bytes the tables give: every evaluation stage reports those doubled bytes."""
+    from tiny import TINY_ENV, write_shards
+
+    dataset = write_shards(tmp_path / "data" / "datasets" / "docs_sp1024", 1024, train_tokens=20_000, val_tokens=1_500)
+    (tmp_path / "data" / "tokenizers").mkdir()
+    (tmp_path / "data" / "tokenizers" / "docs_sp1024.model").write_bytes(sp1024_model_path.read_bytes())
+    (dataset / "manifest.json").write_text(json.dumps({"tokenizer": {"file": "tokenizers/docs_sp1024.model"}}))
+    val = tg.load_validation_tokens(str(dataset), 1024)
+    tables = tg.build_byte_tables(tg.load_tokenizer(str(sp1024_model_path), 1024), 1024)
+    write_shard(dataset / "fineweb_val_bytes_000000.bin", 2 * table_sidecar(val, tables))
+    expected_bytes = 2 * int(tables.target_bytes(val[:-1], val[1:]).sum())
+    env = {**os.environ, **TINY_ENV, "VOCAB_SIZE": "1024", "DATA_DIR": str(tmp_path / "data"), "DATASET": "docs_sp1024",
+           "TOKENIZER_PATH": "", "RUN_ID": "sidecar", "LOG_DIR": str(tmp_path / "logs"), "ITERATIONS": "2",
+           "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "TRAIN_BATCH_TOKENS": "256", "MICRO_BATCH_SEQS": "8",
+           "VAL_LOSS_EVERY": "1", "GPTQ_CALIBRATION_BATCHES": "1", "AVERAGE_CHECK_SEQS": "2", "EVAL_STRIDE": "16",
+           "VAL_BATCH_TOKENS": "1024", "TTT_CHUNK_TOKENS": "512", "TTT_EPOCHS": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "train_gpt.py")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"tokenizer:{tmp_path / 'data' / 'tokenizers' / 'docs_sp1024.model'}" in done.stdout
+    assert f"bytes: side-car {dataset / 'fineweb_val_bytes_000000.bin'}" in done.stdout
+    events = [json.loads(line) for line in open(tmp_path / "logs" / "sidecar.jsonl")]
+    evals = {e["stage"]: e for e in events if e["event"] == "eval"}
+    assert set(evals) == {"step1", "pre_average", "post_ema", "quantized", "quantized_sliding", "quantized_ttt"}
+    for e in evals.values():
+        assert e["bytes"] == expected_bytes, e["stage"]
+        assert e["val_bpb"] == pytest.approx(e["val_loss"] * e["tokens"] / (math.log(2) * expected_bytes), rel=1e-9)
+    assert next(e for e in events if e["event"] == "data")["val_bytes"] == expected_bytes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,9 +451,10 @@ def test_prepare_docs_builds_a_loadable_dataset_deterministically(tmp_path, corp
     assert a == b  # byte-identical, tokenizer included
 
     out = tmp_path / "a"
-    manifest = json.loads((out / "manifest.json").read_text())
-    dataset = out / "datasets" / "fineweb10B_sp512"
-    sp = tg.load_tokenizer(str(out / "tokenizers" / "fineweb_512_bpe.model"), 512)
+    dataset = out / "datasets" / "docs_sp512"  # local documents are not stored under a FineWeb name
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert not (out / "manifest.json").exists() and not (out / "datasets" / "fineweb10B_sp512").exists()
+    sp = tg.load_tokenizer(str(out / "tokenizers" / "docs_sp512.model"), 512)
     val = tg.load_validation_tokens(str(dataset), 512)
     train = np.concatenate([tg.read_shard(f, 512) for f in tg.list_shards(str(dataset), "train")])
     assert len(tg.list_shards(str(dataset), "train")) > 1  # documents flow across shard boundaries
@@ -351,13 +470,19 @@ def test_prepare_docs_builds_a_loadable_dataset_deterministically(tmp_path, corp
     tables = tg.build_byte_tables(sp, 512)
     val_stats = manifest["splits"]["val"]
     assert (val_stats["documents"], val_stats["tokens"]) == (40, len(val))
-    assert val_stats["normalized_bytes"] == tg.count_validation_bytes(val, tables)
+    assert val_stats["normalized_bytes"] == int(tables.target_bytes(val[:-1], val[1:]).sum())
     assert val_stats["raw_bytes"] == sum(len(t.encode()) for t in docs[:40])
     assert manifest["splits"]["train"]["tokens"] == len(train)
     for split in ("val", "train"):
         for shard in manifest["splits"][split]["shards"]:
             assert hashlib.sha256((dataset / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
-    assert manifest["tokenizer"]["sha256"] == hashlib.sha256(a["tokenizers/fineweb_512_bpe.model"]).hexdigest()
+    assert manifest["tokenizer"]["sha256"] == hashlib.sha256(a["tokenizers/docs_sp512.model"]).hexdigest()
+    assert manifest["tokenizer"]["file"] == "tokenizers/docs_sp512.model"
+    assert manifest["source"] == {"kind": "local documents", "path": str(source), "blank_lines": 0,
+                                  "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
+    assert (manifest["caseops"], manifest["val_docs"], manifest["tokenizer_docs"]) == (False, 40, 150)
+    assert (manifest["val_docs_in_train"], manifest["not_comparable"]) == (0, None)
+    assert not list(dataset.glob("fineweb_val_bytes_*.bin"))  # no side-car without --caseops
 
 
 def test_prepare_docs_reuses_a_given_tokenizer(tmp_path, corpus_path, sp1024_model_path):
@@ -366,17 +491,19 @@ def test_prepare_docs_reuses_a_given_tokenizer(tmp_path, corpus_path, sp1024_mod
     out = tmp_path / "out"
     run_prepare("--docs", source, "--vocab-size", 1024, "--val-docs", 10, "--out", out,
                 "--tokenizer", sp1024_model_path, "--workers", 1)
-    assert (out / "tokenizers" / "fineweb_1024_bpe.model").read_bytes() == sp1024_model_path.read_bytes()
+    assert (out / "tokenizers" / "docs_sp1024.model").read_bytes() == sp1024_model_path.read_bytes()
     sp = tg.load_tokenizer(str(sp1024_model_path), 1024)
     expected = [i for t in docs[:10] for i in [tg.BOS_ID] + sp.encode(t)]
-    assert tg.load_validation_tokens(str(out / "datasets" / "fineweb10B_sp1024"), 1024).tolist() == expected
+    dataset = out / "datasets" / "docs_sp1024"
+    assert tg.load_validation_tokens(str(dataset), 1024).tolist() == expected
+    assert json.loads((dataset / "manifest.json").read_text())["tokenizer_docs"] is None  # not trained here
 
     # A rebuild that fails half-way leaves the previous dataset exactly as it was.
     before = dataset_files(out)
     broken = tmp_path / "broken.jsonl"
     broken.write_text(source.read_text() + "not json\n")
     result = run_prepare("--docs", broken, "--vocab-size", 1024, "--val-docs", 10, "--out", out, "--workers", 1, check=False)
-    assert result.returncode != 0 and ":61: not valid JSON" in result.stderr
+    assert result.returncode != 0 and ":61:1: not valid JSON" in result.stderr
     assert dataset_files(out) == before
 
 
@@ -394,43 +521,72 @@ def test_prepare_docs_reads_every_compression(tmp_path):
         assert list(prepare_docs.iter_docs(path)) == texts
 
 
-@pytest.mark.parametrize("case", ["empty", "bad_json", "no_text", "too_few_docs", "vocab_mismatch", "no_space_piece",
-                                  "missing_docs", "tokenizer_too_small"])
+BAD_INPUT_CASES = {  # case: (what the last line says, advice it must not give)
+    "empty": ("no documents (0 blank lines)", None),
+    "blank_lines_only": ("no documents (3 blank lines)", None),
+    "bad_json": (":3:10: not valid JSON (Expecting value at column 10)", None),
+    "no_text": (':2: no string "text" field', None),
+    "too_few_docs": ("20 documents, so --val-docs 20 leaves none for training; use --val-docs 19 or fewer, or add documents", None),
+    "one_doc": ("1 document; a dataset needs at least 2 (validation and training), add documents", "--val-docs"),
+    "vocab_mismatch": ("1024 pieces but --vocab-size is 512", None),
+    "no_space_piece": ("no standalone", None),
+    "file_too_small_for_vocab": ("; add documents or lower --vocab-size", "--tokenizer-docs"),  # all 20 documents were used
+    "tokenizer_docs_too_few": ("; raise --tokenizer-docs, add documents or lower --vocab-size", None),
+    "caseops_with_plain_tokenizer": ("lacks the CaseOps operator pieces", None),
+    "val_docs_in_train": ("2 of 5 validation documents also appear in the training split", None),
+    "missing_docs": ("not found", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT_CASES))
 def test_prepare_docs_bad_input_exits_with_one_clear_line(tmp_path, case, sp1024_model_path):
-    source = write_jsonl(tmp_path / "docs.jsonl", [f"document number {i}" for i in range(20)])
-    tokenizer_args = ["--tokenizer", sp1024_model_path, "--vocab-size", 1024]
-    val_docs = 5
-    if case == "empty":
-        source.write_text("")
-        expect = "no documents"
+    texts = [f"document number {i}" for i in range(20)]
+    source = write_jsonl(tmp_path / "docs.jsonl", texts)
+    args = ["--tokenizer", sp1024_model_path, "--vocab-size", 1024, "--val-docs", 5]
+    if case in ("empty", "blank_lines_only"):
+        source.write_text("" if case == "empty" else "\n  \n\n")
     elif case == "bad_json":
         source.write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": oops}\n')
-        expect = ":3: not valid JSON"
     elif case == "no_text":
         source.write_text('{"text": "ok"}\n{"body": "ok"}\n')
-        expect = ':2: no string "text" field'
     elif case == "too_few_docs":
-        val_docs = 20
-        expect = "lower --val-docs"
+        args[-1] = 20
+    elif case == "one_doc":
+        write_jsonl(source, texts[:1])
+        args[-1] = 1
     elif case == "vocab_mismatch":
-        tokenizer_args[-1] = 512
-        expect = "1024 pieces but --vocab-size is 512"
+        args[3] = 512
     elif case == "no_space_piece":
         model, size = train_spaceless_tokenizer(tmp_path)
-        tokenizer_args = ["--tokenizer", model, "--vocab-size", size]
-        expect = "no standalone"
-    elif case == "tokenizer_too_small":
-        tokenizer_args = ["--vocab-size", 4096]
-        expect = "raise --tokenizer-docs or lower --vocab-size"
+        args[:4] = ["--tokenizer", model, "--vocab-size", size]
+    elif case == "file_too_small_for_vocab":
+        args[:4] = ["--vocab-size", 4096]
+    elif case == "tokenizer_docs_too_few":
+        args[:4] = ["--vocab-size", 4096, "--tokenizer-docs", 5]
+    elif case == "caseops_with_plain_tokenizer":
+        args.append("--caseops")
+    elif case == "val_docs_in_train":
+        write_jsonl(source, texts + [texts[1], texts[3], texts[3]])
     else:
         source = tmp_path / "missing.jsonl"
-        expect = "not found"
-    result = run_prepare("--docs", source, "--val-docs", val_docs, "--out", tmp_path / "out", "--workers", 1,
-                         *tokenizer_args, check=False)
+    result = run_prepare("--docs", source, "--out", tmp_path / "out", "--workers", 1, *args, check=False)
     last_line = result.stderr.strip().splitlines()[-1]
+    expect, forbidden = BAD_INPUT_CASES[case]
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert last_line.startswith("prepare_docs: error:") and expect in last_line
+    assert forbidden is None or forbidden not in last_line
+    assert not (tmp_path / "out" / "datasets").exists() or not any((tmp_path / "out" / "datasets").iterdir())
+
+
+def test_prepare_docs_reports_blank_lines(tmp_path, sp1024_model_path):
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" + ("\n" if i % 3 == 0 else "") for i in range(12)))
+    result = run_prepare("--docs", source, "--vocab-size", 1024, "--val-docs", 4, "--out", tmp_path / "out",
+                         "--tokenizer", sp1024_model_path, "--workers", 1)
+    assert "skipped 4 blank lines" in result.stderr
+    manifest = json.loads((tmp_path / "out" / "datasets" / "docs_sp1024" / "manifest.json").read_text())
+    assert manifest["source"]["blank_lines"] == 4 and manifest["splits"]["val"]["documents"] == 4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -439,22 +595,33 @@ def test_prepare_docs_bad_input_exits_with_one_clear_line(tmp_path, case, sp1024
 DOWNLOADER = REPO_ROOT / "data" / "cached_challenge_fineweb.py"
 
 
-def fake_hub_repo(cache: Path, repo_id: str, vocab: int, train_shards: int, manifest_names=None) -> Path:
-    """A huggingface_hub cache entry (refs/main -> snapshot) holding a repo's files under datasets/."""
+CASEOPS_REPO = ("romeerp/parameter-golf-caseops-v1", "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+                "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved")
+VAL_SIDECAR = [[0, 5, 7], [0, 6, 8]]  # per validation shard: bytes of [BOS, 100 + i, 200 + i]
+VARIANT_REPOS = {"sp1024": "willdepueoai/parameter-golf", "sp8192": "kevclark/parameter-golf"}
+
+
+def fake_hub_repo(cache: Path, repo_id: str, vocab: int, train_shards: int, manifest_names=None, dataset=None,
+                  tokenizer=None, sidecar=False, train=None) -> Path:
+    """A huggingface_hub cache entry (refs/main -> snapshot) holding a repo's files under datasets/:
+    two validation shards of one document [BOS, 100+i, 200+i] each, training shards of one document
+    [BOS, 300+i, 400+i, 500+i] each unless `train` gives their tokens."""
     commit = hashlib.sha1(repo_id.encode()).hexdigest()
     repo = cache / f"datasets--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     root = repo / "snapshots" / commit / "datasets"
-    shards = root / "datasets" / f"fineweb10B_sp{vocab}"
+    shards = root / "datasets" / (dataset or f"fineweb10B_sp{vocab}")
     shards.mkdir(parents=True)
     for i in range(2):
         write_shard(shards / f"fineweb_val_{i:06d}.bin", [tg.BOS_ID, 100 + i, 200 + i])
+        if sidecar:
+            write_shard(shards / f"fineweb_val_bytes_{i:06d}.bin", VAL_SIDECAR[i])
     for i in range(train_shards):
-        write_shard(shards / f"fineweb_train_{i:06d}.bin", [tg.BOS_ID, 300 + i, 400 + i, 500 + i])
+        write_shard(shards / f"fineweb_train_{i:06d}.bin", train[i] if train else [tg.BOS_ID, 300 + i, 400 + i, 500 + i])
     (root / "tokenizers").mkdir()
     for suffix in (".model", ".vocab"):
-        (root / "tokenizers" / f"fineweb_{vocab}_bpe{suffix}").write_bytes(f"{repo_id} {vocab}{suffix}".encode())
+        (root / "tokenizers" / f"{tokenizer or f'fineweb_{vocab}_bpe'}{suffix}").write_bytes(f"{repo_id} {vocab}{suffix}".encode())
     if manifest_names is not None:
         (root / "manifest.json").write_text(json.dumps({"datasets": [
             {"name": name, "stats": {"files_train": train_shards, "files_val": 2}} for name in manifest_names]}))
@@ -479,23 +646,71 @@ def test_downloader_places_the_standard_layout_from_each_variants_repo(tmp_path)
         result = run_downloader(cache, "--variant", variant, "--train-shards", 2, "--out", out)
         assert result.returncode == 0, result.stderr
         dataset = out / "datasets" / f"fineweb10B_sp{vocab}"
-        assert sorted(p.name for p in dataset.iterdir()) == [
-            "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin", "fineweb_val_000001.bin"]
-        for shard in dataset.iterdir():
-            assert shard.read_bytes() == (repo / "datasets" / dataset.name / shard.name).read_bytes()
+        shards = ["fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin", "fineweb_val_000001.bin"]
+        assert sorted(p.name for p in dataset.iterdir()) == sorted(shards + ["manifest.json"])
+        for shard in shards:
+            assert (dataset / shard).read_bytes() == (repo / "datasets" / dataset.name / shard).read_bytes()
         assert tg.load_validation_tokens(str(dataset), vocab).tolist() == [1, 100, 200, 1, 101, 201]
         for suffix in (".model", ".vocab"):
             name = f"fineweb_{vocab}_bpe{suffix}"
             assert (out / "tokenizers" / name).read_bytes() == (repo / "tokenizers" / name).read_bytes()
+        manifest = json.loads((dataset / "manifest.json").read_text())
+        assert manifest["source"]["repo_id"] == VARIANT_REPOS[variant] and manifest["source"]["revision"] == repo.parent.name
+        assert (manifest["val_docs"], manifest["val_docs_in_train"], manifest["caseops"], manifest["not_comparable"]) == (2, 0, False, None)
+        assert [s["sha256"] for s in manifest["splits"]["train"]["shards"]] == [
+            hashlib.sha256((dataset / f).read_bytes()).hexdigest() for f in shards[:2]]
     assert not (out / "manifest.json").exists()  # no shared manifest file that a later repo could misread
 
 
-@pytest.mark.parametrize("case", ["manifest_lacks_variant", "too_many_shards", "no_manifest_too_many_shards"])
+def test_downloader_places_the_caseops_dataset_with_its_byte_sidecar(tmp_path, monkeypatch):
+    cache, out = tmp_path / "hub", tmp_path / "data"
+    repo_id, remote, tokenizer = CASEOPS_REPO
+    fake_hub_repo(cache, repo_id, 8192, 2, manifest_names=[remote], dataset=remote, tokenizer=tokenizer, sidecar=True)
+    result = run_downloader(cache, "--variant", "sp8192-caseops", "--train-shards", 2, "--out", out)
+    assert result.returncode == 0, result.stderr
+    dataset = out / "datasets" / "fineweb10B_sp8192_caseops"
+    assert sorted(p.name for p in dataset.glob("fineweb_val_bytes_*.bin")) == ["fineweb_val_bytes_000000.bin", "fineweb_val_bytes_000001.bin"]
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert manifest["caseops"] is True and manifest["val_docs"] == 2
+    assert "2 documents" in manifest["not_comparable"] and "not comparable" in result.stderr  # flagged: fewer than 50,000
+    assert len(manifest["splits"]["val"]["byte_sidecar"]) == 2
+    # train_gpt.py finds the tokenizer through the manifest and scores bytes from the side-car.
+    h = tiny_hparams(monkeypatch, DATA_DIR=str(out), DATASET=dataset.name, VOCAB_SIZE=8192, TOKENIZER_PATH="")
+    assert h.tokenizer_file == str(out / "tokenizers" / f"{tokenizer}.model")
+    val = tg.load_validation_tokens(h.dataset_dir, 8192)
+    logged = []
+    target_bytes = tg.validation_target_bytes(h.dataset_dir, val, None, tg.read_dataset_manifest(h.dataset_dir)["caseops"], logged.append)
+    assert target_bytes.tolist() == (VAL_SIDECAR[0] + VAL_SIDECAR[1])[1:]
+    assert logged[0] == f"bytes: side-car {dataset / 'fineweb_val_bytes_000000.bin'} (+1 more)"
+    assert logged[1].startswith("WARNING: CaseOps validation split of 2 documents")
+
+
+@pytest.mark.parametrize("allow_overlap", [0, 1])
+def test_downloader_refuses_validation_documents_in_training(tmp_path, allow_overlap):
+    # Training shard 0 ends with [BOS, 100] and shard 1 goes on with [200, ...]: validation document 0 straddles the boundary.
+    train = [[tg.BOS_ID, 300, 301, tg.BOS_ID, 100], [200, tg.BOS_ID, 302, 303]]
+    cache = tmp_path / "hub"
+    fake_hub_repo(cache, "kevclark/parameter-golf", 8192, 2, train=train)
+    result = run_downloader(cache, "--variant", "sp8192", "--train-shards", 2, "--out", tmp_path / "data",
+                            "--allow-overlap", allow_overlap)
+    if allow_overlap:
+        assert result.returncode == 0, result.stderr
+        manifest = json.loads((tmp_path / "data" / "datasets" / "fineweb10B_sp8192" / "manifest.json").read_text())
+        assert manifest["val_docs_in_train"] == 1
+        return
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "1 of 2 validation documents also appear in the training split" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "data").exists()  # nothing placed
+
+
+@pytest.mark.parametrize("case", ["manifest_lacks_variant", "too_many_shards", "no_manifest_too_many_shards", "caseops_without_sidecar"])
 def test_downloader_explains_what_the_repo_lacks(tmp_path, case):
     cache = tmp_path / "hub"
     fake_hub_repo(cache, "willdepueoai/parameter-golf", 1024, 3, manifest_names=["fineweb10B_sp1024"])
     fake_hub_repo(cache, "kevclark/parameter-golf", 8192, 3)
+    fake_hub_repo(cache, CASEOPS_REPO[0], 8192, 3, dataset=CASEOPS_REPO[1], tokenizer=CASEOPS_REPO[2])
     args, expect = {
+        "caseops_without_sidecar": (["--variant", "sp8192-caseops", "--train-shards", 1], "0 byte side-car files"),
         "manifest_lacks_variant": (["--variant", "sp8192", "--repo-id", "willdepueoai/parameter-golf"], "lists no fineweb10B_sp8192"),
         "too_many_shards": (["--variant", "sp1024", "--train-shards", 5], "has 3 training shards, 5 requested"),
         "no_manifest_too_many_shards": (["--variant", "sp8192", "--train-shards", 5], "2 of 5 requested training shards are missing"),

@@ -32,14 +32,9 @@ def make_model(h: tg.Hyperparameters, seed: int = 0) -> tg.GPT:
     return model
 
 
-def make_tables(vocab_size: int, seed: int = 0) -> tg.ByteTables:
-    g = torch.Generator().manual_seed(seed)
-    is_boundary = torch.zeros(vocab_size, dtype=torch.bool)
-    is_boundary[:4] = True  # pad, bos, eos, unk
-    base_bytes = torch.randint(1, 5, (vocab_size,), generator=g).to(torch.int16)
-    base_bytes[is_boundary] = 0
-    has_leading_space = (torch.rand(vocab_size, generator=g) < 0.4) & ~is_boundary
-    return tg.ByteTables(base_bytes, has_leading_space, is_boundary)
+def make_target_bytes(val_tokens: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Random byte counts, one per target val_tokens[i+1], so a target counted at the wrong position shows."""
+    return torch.randint(0, 7, (val_tokens.numel() - 1,), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
 
 
 def make_stream(num_targets: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
@@ -48,10 +43,6 @@ def make_stream(num_targets: int, vocab_size: int, seed: int = 0) -> torch.Tenso
     tokens = torch.randint(4, vocab_size, (num_targets + 1,), generator=g)
     tokens[::97] = tg.BOS_ID
     return tokens
-
-
-def all_target_bytes(tables: tg.ByteTables, val_tokens: torch.Tensor) -> int:
-    return int(tables.target_bytes(val_tokens[:-1], val_tokens[1:]).sum())
 
 
 CPU = tg.Runtime()
@@ -112,13 +103,13 @@ def test_window_batch_never_reads_past_the_scored_span():
 
 def test_sliding_equals_full_context_when_stream_fits_one_window(monkeypatch):
     h = make_hparams(monkeypatch)
-    model, tables = make_model(h), make_tables(h.vocab_size)
-    val = make_stream(20, h.vocab_size)
+    model, val = make_model(h), make_stream(20, h.vocab_size)
+    target_bytes = make_target_bytes(val)
     model.looping = True
     with torch.no_grad():
         full = model(val[None, :-1], val[None, 1:], reduction="none").double().sum().item() / 20
     model.looping = False
-    for result in (tg.eval_sliding(model, val, tables, h, CPU), tg.eval_plain(model, val, tables, h, CPU)):
+    for result in (tg.eval_sliding(model, val, target_bytes, h, CPU), tg.eval_plain(model, val, target_bytes, h, CPU)):
         assert result.tokens == 20
         assert result.loss == pytest.approx(full, rel=1e-5)
     assert model.looping is False  # restored
@@ -127,18 +118,20 @@ def test_sliding_equals_full_context_when_stream_fits_one_window(monkeypatch):
 def test_sliding_with_stride_equal_to_window_is_plain(monkeypatch):
     # A whole number of windows: otherwise sliding gives the tail more context than plain does.
     h = make_hparams(monkeypatch, EVAL_STRIDE=32)
-    model, tables, val = make_model(h), make_tables(h.vocab_size), make_stream(9 * 32, h.vocab_size)
-    plain, sliding = tg.eval_plain(model, val, tables, h, CPU), tg.eval_sliding(model, val, tables, h, CPU)
+    model, val = make_model(h), make_stream(9 * 32, h.vocab_size)
+    target_bytes = make_target_bytes(val)
+    plain, sliding = tg.eval_plain(model, val, target_bytes, h, CPU), tg.eval_sliding(model, val, target_bytes, h, CPU)
     assert sliding.loss == pytest.approx(plain.loss, rel=1e-6)
     assert sliding.bpb == pytest.approx(plain.bpb, rel=1e-6)
 
 
 def test_counts_and_bytes_match_the_validation_stream(monkeypatch):
     h = make_hparams(monkeypatch)
-    model, tables, val = make_model(h), make_tables(h.vocab_size), make_stream(NUM_TARGETS, h.vocab_size)
-    expected_bytes = all_target_bytes(tables, val)
-    results = [tg.eval_plain(model, val, tables, h, CPU), tg.eval_sliding(model, val, tables, h, CPU),
-               tg.eval_ttt(model, val, tables, h, CPU)]
+    model, val = make_model(h), make_stream(NUM_TARGETS, h.vocab_size)
+    target_bytes = make_target_bytes(val)
+    expected_bytes = int(target_bytes.sum())
+    results = [tg.eval_plain(model, val, target_bytes, h, CPU), tg.eval_sliding(model, val, target_bytes, h, CPU),
+               tg.eval_ttt(model, val, target_bytes, h, CPU)]
     for r in results:
         assert (r.tokens, r.bytes) == (NUM_TARGETS, expected_bytes), r.stage
         assert r.bpb == pytest.approx(r.loss * r.tokens / (math.log(2) * r.bytes), rel=1e-12)
@@ -148,14 +141,15 @@ def test_counts_and_bytes_match_the_validation_stream(monkeypatch):
 
 def test_ttt_with_zero_lr_equals_sliding_and_with_lr_changes_weights(monkeypatch):
     h = make_hparams(monkeypatch, TTT_LR=0)
-    model, tables, val = make_model(h), make_tables(h.vocab_size), make_stream(NUM_TARGETS, h.vocab_size)
+    model, val = make_model(h), make_stream(NUM_TARGETS, h.vocab_size)
+    target_bytes = make_target_bytes(val)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    sliding = tg.eval_sliding(model, val, tables, h, CPU)
-    frozen = tg.eval_ttt(model, val, tables, h, CPU)
+    sliding = tg.eval_sliding(model, val, target_bytes, h, CPU)
+    frozen = tg.eval_ttt(model, val, target_bytes, h, CPU)
     assert frozen.loss == pytest.approx(sliding.loss, rel=1e-12, abs=0)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
-    trained = tg.eval_ttt(model, val, tables, make_hparams(monkeypatch, TTT_LR=0.05), CPU)
+    trained = tg.eval_ttt(model, val, target_bytes, make_hparams(monkeypatch, TTT_LR=0.05), CPU)
     assert trained.loss != pytest.approx(sliding.loss, rel=1e-6)
     assert not all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # in place
 
@@ -198,8 +192,8 @@ def test_ttt_never_scores_a_target_after_training_on_it(monkeypatch):
     h = make_hparams(monkeypatch)
     val = distinct_stream(NUM_TARGETS)
     vocab = NUM_TARGETS + 2
-    model, tables = RecordingModel(vocab), make_tables(vocab)
-    result = tg.eval_ttt(model, val, tables, h, CPU)
+    model = RecordingModel(vocab)
+    result = tg.eval_ttt(model, val, make_target_bytes(val), h, CPU)
     # Weighted checksum: every target scored exactly once, none after it was trained on.
     assert result.tokens == NUM_TARGETS
     assert result.loss * result.tokens == pytest.approx(model.weights[val[1:]].sum().item(), rel=1e-12)
@@ -219,20 +213,23 @@ def free_port() -> int:
 
 def run_all_evals(runtime: tg.Runtime, state_path: str) -> list:
     h = make_hparams()
-    model, tables, val = make_model(h), make_tables(h.vocab_size), make_stream(NUM_TARGETS, h.vocab_size)
+    model, val = make_model(h), make_stream(NUM_TARGETS, h.vocab_size)
+    target_bytes = make_target_bytes(val)
     model.load_state_dict(torch.load(state_path))
-    results = [tg.eval_plain(model, val, tables, h, runtime), tg.eval_sliding(model, val, tables, h, runtime),
-               tg.eval_ttt(model, val, tables, h, runtime)]
+    results = [tg.eval_plain(model, val, target_bytes, h, runtime), tg.eval_sliding(model, val, target_bytes, h, runtime),
+               tg.eval_ttt(model, val, target_bytes, h, runtime)]
     recorder = RecordingModel(NUM_TARGETS + 2)
-    results.append(tg.eval_ttt(recorder, distinct_stream(NUM_TARGETS), make_tables(NUM_TARGETS + 2), h, runtime))
+    recorder_val = distinct_stream(NUM_TARGETS)
+    results.append(tg.eval_ttt(recorder, recorder_val, make_target_bytes(recorder_val), h, runtime))
     return [(r.loss, r.bpb, r.tokens, r.bytes) for r in results] + [model.state_dict()["tok_emb.weight"]]
 
 
-def distributed_worker(rank: int, world_size: int, port: int, state_path: str, out_path: str) -> None:
+def distributed_worker(rank: int, world_size: int, port: int, state_path: str, out_path: str, evals=run_all_evals) -> None:
+    """One gloo rank: evals(runtime, state_path), rank 0 saves what it returns to out_path."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        outcome = run_all_evals(tg.Runtime(rank, world_size, rank, torch.device("cpu")), state_path)
+        outcome = evals(tg.Runtime(rank, world_size, rank, torch.device("cpu")), state_path)
         if rank == 0:
             torch.save(outcome, out_path)
         dist.barrier()  # both ranks done before teardown (gloo can abort a rank torn down mid-exchange)

@@ -57,7 +57,7 @@ def _run_steps(monkeypatch, tmp_path, name):
                                                     WARMUP_STEPS=1, TRAIN_LOG_EVERY=1, LOG_DIR=str(tmp_path / name / "logs"))
     loader.close()
     log = tg.Logger(runtime, h.log_dir, "run")
-    tg.train(model, h, runtime, log, val_tokens=None, tables=None)
+    tg.train(model, h, runtime, log, val_tokens=None, val_target_bytes=None)
     lines = [json.loads(l) for l in open(Path(h.log_dir) / "run.jsonl")]
     return [l["train_loss"] for l in lines if l["event"] == "step"], model.state_dict()
 
@@ -74,7 +74,7 @@ def test_nan_loss_stops_the_run_with_the_step(monkeypatch, tmp_path):
                                                     WARMUP_STEPS=0, MATRIX_LR=1e30, TIED_EMBED_LR=1e30, SCALAR_LR=1e30)
     loader.close()
     with pytest.raises(tg.TrainingDiverged, match=r"at step \d"):
-        tg.train(model, h, runtime, tg.Logger(runtime, None, "x"), val_tokens=None, tables=None)
+        tg.train(model, h, runtime, tg.Logger(runtime, None, "x"), val_tokens=None, val_target_bytes=None)
 
 
 def _mean_val_loss(model, tokens, seq_len):
@@ -98,7 +98,7 @@ def test_tiny_model_learns_real_text(monkeypatch, tmp_path, corpus_path, sp1024_
     subprocess.run([sys.executable, str(ROOT / "data" / "prepare_docs.py"), "--docs", str(docs), "--vocab-size", "1024",
                     "--val-docs", "50", "--out", str(data), "--tokenizer", str(sp1024_model_path), "--workers", "1"],
                    check=True, capture_output=True)
-    h = tiny_hparams(monkeypatch, DATA_DIR=str(data), VOCAB_SIZE=1024, TRAIN_SEQ_LEN=128, EVAL_SEQ_LEN=128,
+    h = tiny_hparams(monkeypatch, DATA_DIR=str(data), DATASET="docs_sp1024", VOCAB_SIZE=1024, TRAIN_SEQ_LEN=128, EVAL_SEQ_LEN=128,
                      TRAIN_BATCH_TOKENS=2048, MICRO_BATCH_SEQS=16, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=120,
                      WARMUP_STEPS=1, MUON_MOMENTUM_WARMUP_STEPS=20, TRAIN_LOG_EVERY=50)
     runtime = tg.Runtime()
@@ -107,7 +107,7 @@ def test_tiny_model_learns_real_text(monkeypatch, tmp_path, corpus_path, sp1024_
     model.looping = True
     before = _mean_val_loss(model, val, 128)
     model.looping = False
-    tg.train(model, h, runtime, tg.Logger(runtime, None, "x"), val_tokens=None, tables=None)
+    tg.train(model, h, runtime, tg.Logger(runtime, None, "x"), val_tokens=None, val_target_bytes=None)
     model.looping = True
     after = _mean_val_loss(model, val, 128)
     assert before > 6.5  # about ln(1024): an untrained model
@@ -144,7 +144,7 @@ def test_loop_follows_the_wallclock_schedule(monkeypatch, tmp_path):
                                                     GPTQ_CALIBRATION_BATCHES=2, AVERAGE_CHECK_SEQS=8)
     loader.close()
     monkeypatch.setattr(tg, "time", FakeTime())
-    tg.train(model, h, runtime, tg.Logger(runtime, h.log_dir, "run"), val_tokens=None, tables=None)
+    tg.train(model, h, runtime, tg.Logger(runtime, h.log_dir, "run"), val_tokens=None, val_target_bytes=None)
     steps, budget = _steps_and_budget(h.log_dir)
     assert budget["reserve_s"] >= 1 and budget["train_budget_s"] == pytest.approx(20 - budget["reserve_s"])
     assert len(steps) >= 8
@@ -166,7 +166,7 @@ def test_without_a_time_limit_the_schedule_follows_the_step_count(monkeypatch, t
                                                     WARMUP_STEPS=0, TRAIN_LOG_EVERY=1, LOG_DIR=str(tmp_path / "logs"),
                                                     ENABLE_LOOPING_AT=0.35, WARMDOWN_FRAC=0.85, MIN_LR=0.1)
     loader.close()
-    tg.train(model, h, runtime, tg.Logger(runtime, h.log_dir, "run"), val_tokens=None, tables=None)
+    tg.train(model, h, runtime, tg.Logger(runtime, h.log_dir, "run"), val_tokens=None, val_target_bytes=None)
     steps, _ = _steps_and_budget(h.log_dir)
     assert len(steps) == 40
     for i, s in enumerate(steps):  # step i+1 is scheduled with the fraction i/40
@@ -182,7 +182,7 @@ def test_averaged_weights_are_kept_only_when_they_do_better(monkeypatch, tmp_pat
     h, runtime, model, opt, loader, accum = _setup(monkeypatch, tmp_path, ITERATIONS=8, MAX_WALLCLOCK_SECONDS=0,
                                                     WARMUP_STEPS=0, EMA_DECAY=0.0)
     loader.close()
-    loader, averager, _ = tg.train(model, h, runtime, tg.Logger(runtime, None, "x"), val_tokens=None, tables=None)
+    loader, averager, _ = tg.train(model, h, runtime, tg.Logger(runtime, None, "x"), val_tokens=None, val_target_bytes=None)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():  # EMA_DECAY=0: the average equals the trained weights; now move one side
         if drift:
