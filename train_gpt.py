@@ -235,7 +235,7 @@ class Hyperparameters:
             self.gptq_calibration_seqs = env_int("GPTQ_CALIBRATION_SEQS", 8, "training sequences per GPTQ calibration batch", min_value=1)
             self.gptq_block_size = env_int("GPTQ_BLOCK_SIZE", 128, "GPTQ column block", min_value=1)
             self.gptq_damp = env_float("GPTQ_DAMP", 0.01, "GPTQ damping as a fraction of mean(diag H)", min_value=0)
-            self.compressor = env_str("COMPRESSOR", "brotli", "artifact compressor", ("brotli", "zstd", "lzma"))
+            self.compressor = env_str("COMPRESSOR", "brotli", "artifact compressor; rans: numpy rANS with fitted tables for the ints", ("brotli", "zstd", "lzma", "rans"))
             self.artifact_target_bytes = env_int("ARTIFACT_TARGET_BYTES", 0, "total bytes to fit; 0 = 16,000,000", min_value=0)
 
         with config_section("evaluation"):
@@ -1611,8 +1611,8 @@ BUDGET_AIM = 0.998                   # aim 0.2% under the target: the size model
 BUDGET_TOLERANCE = 0.003             # accept any size in [target*(1-tol), target]
 BUDGET_ATTEMPTS = 4                  # GPTQ+compress rounds before settling for the best fit found
 COMPRESS_CHUNK_BYTES = 1 << 20       # independent chunks, compressed in parallel child processes
-COMPRESSOR_TAGS = {"brotli": b"B", "zstd": b"Z", "lzma": b"L"}
-COMPRESSOR_MODULES = {"brotli": "brotli", "zstd": "zstandard", "lzma": "lzma"}  # = pip package names
+COMPRESSOR_TAGS = {"brotli": b"B", "zstd": b"Z", "lzma": b"L", "rans": b"R"}
+COMPRESSOR_MODULES = {"brotli": "brotli", "zstd": "zstandard", "lzma": "lzma", "rans": "numpy"}  # = pip package names
 
 # The one place that sets compressor levels. It runs in a bare child interpreter per chunk: brotli
 # and lzma hold the GIL, and a `python -c` child starts in ~50 ms (no torch import).
@@ -1883,6 +1883,8 @@ def compress(data: bytes, compressor: str) -> bytes:
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
     require_compressor(compressor)
+    if compressor == "rans":
+        return rans_compress(data)
     chunks = [data[i : i + COMPRESS_CHUNK_BYTES] for i in range(0, len(data), COMPRESS_CHUNK_BYTES)] or [b""]
 
     def run_child(chunk: bytes) -> bytes:
@@ -1902,6 +1904,8 @@ def decompress(blob: bytes) -> bytes:
     compressor = next((name for name, tag in COMPRESSOR_TAGS.items() if blob[:1] == tag), None)
     if compressor is None:
         raise ValueError(f"not an artifact: unknown compressor tag {blob[:1]!r}")
+    if compressor == "rans":
+        return rans_decompress(blob)
     module = require_compressor(compressor)
     decode = module.ZstdDecompressor().decompress if compressor == "zstd" else module.decompress
     count = int.from_bytes(blob[1:5], "little")
@@ -1911,6 +1915,149 @@ def decompress(blob: bytes) -> bytes:
         parts.append(decode(blob[offset : offset + size]))
         offset += size
     return b"".join(parts)
+
+
+# rANS coder for the quantized ints (COMPRESSOR=rans; numpy only). The columns (or rows) of each int
+# tensor are clustered into k classes of similar value distributions (k = 1 when classes do not pay
+# for their labels); each class gets a symbol table, and all ints go through one interleaved rANS
+# stream at ~the entropy under those tables. Header, fp16 section, labels and tables go through lzma.
+# Blob: b"R" | uint32 side length | lzma(side) | uint64 lane states | uint32 words.
+RANS_LANES = 1024                    # interleaved states: numpy steps = ints / lanes; 8 bytes each
+RANS_CLASSES = (1, 2, 4, 8)          # class counts tried per tensor and axis
+# Tables store counts as uint8 codes (0 = absent, else 1 + index of the level <= count): exact below
+# 16, else a 3-bit mantissa; ~0.03% more bits than exact tables.
+COUNT_LEVELS = np.array(sorted(set(range(1, 16)) | {m << e for m in range(8, 16) for e in range(1, 26)}))
+
+
+def code_frequencies(codes: np.ndarray) -> np.ndarray:
+    """rANS frequencies [tables, symbols] summing to 2^16, >= 1 for every symbol present. Integer
+    arithmetic only, so that encoder and decoder agree on any machine."""
+    v = np.where(codes > 0, COUNT_LEVELS[np.maximum(codes.astype(np.int64) - 1, 0)], 0)
+    v[:, 0] += v.sum(1) == 0  # an empty class still needs a valid table
+    f = np.where(v > 0, np.maximum(v * 65536 // v.sum(1, keepdims=True), 1), 0)
+    f[np.arange(len(f)), v.argmax(1)] += 65536 - f.sum(1)
+    return f
+
+
+def fit_classes(sym: np.ndarray, alphabet: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(axis, labels, table codes) of the cheapest class model of an int tensor [R, C] of symbols
+    0..alphabet-1: classes of its columns (axis 1) or rows (axis 0), k in RANS_CLASSES, found by Lloyd
+    iterations on code length; cost = code length + labels (log2 k bits) + tables (~4 bits/entry)."""
+    best, values = None, np.arange(alphabet)
+    for axis in (1, 0):
+        lines = sym.shape[axis]
+        index = sym + alphabet * (np.arange(lines)[None, :] if axis else np.arange(lines)[:, None])
+        hist = np.bincount(index.ravel(), minlength=lines * alphabet).reshape(lines, alphabet).astype(np.float64)
+        spread = hist @ np.abs(values - hist.sum(0) @ values / max(sym.size, 1))  # sum |s - tensor mean| per line
+        for k in RANS_CLASSES:
+            labels = np.argsort(np.argsort(spread, kind="stable"), kind="stable") * k // max(lines, 1)
+            for _ in range(6 if k > 1 else 0):  # Lloyd: class tables, then each line to its cheapest class
+                counts = np.eye(k)[labels].T @ hist + 0.5
+                labels = np.argmin(hist @ -np.log2(counts / counts.sum(1, keepdims=True)).T, 1)
+            counts = np.eye(k)[labels].T @ hist
+            codes = np.searchsorted(COUNT_LEVELS, counts, side="right").astype(np.uint8)
+            bits = lines * math.log2(k) + 4 * np.count_nonzero(codes) \
+                - (counts * np.log2(code_frequencies(codes).clip(1) / 65536)).sum()
+            if best is None or bits < best[0]:
+                best = (bits, axis, labels, codes)
+    return best[1:]
+
+
+def rans_encode(freq: np.ndarray, start: np.ndarray) -> bytes:
+    """Interleaved rANS (Duda 2013) over [steps, lanes]: uint64 state x in [2^32, 2^64); a symbol of
+    frequency f/2^16 starting at c maps x -> (x // f) * 2^16 + x % f + c, after emitting x's low 32 bits
+    if x >= f * 2^48 (so x stays < 2^64). The last step is coded first, so the decoder runs forward."""
+    x = np.full(freq.shape[1], 1 << 32, np.uint64)
+    words = [np.zeros(0, np.uint32)]
+    for f, c in zip(freq[::-1], start[::-1]):
+        emit = x >> 48 >= f
+        words.append(x[emit].astype(np.uint32))
+        x[emit] >>= 32
+        quotient, remainder = np.divmod(x, f)
+        x = (quotient << 16) + remainder + c
+    return x.astype("<u8").tobytes() + np.concatenate(words[::-1]).astype("<u4").tobytes()
+
+
+def rans_decode(data: bytes, tables: np.ndarray, freq: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Inverse of rans_encode for symbols whose tables [steps, lanes] are known; freq and start are
+    [tables, 256]. Returns the symbols [steps, lanes]."""
+    x = np.frombuffer(data, "<u8", tables.shape[1]).astype(np.uint64)
+    words = np.frombuffer(data, "<u4", offset=8 * tables.shape[1]).astype(np.uint64)
+    owner = np.repeat(np.arange(freq.size, dtype=np.uint32), freq.ravel().astype(np.int64))  # slot -> table*256 + symbol
+    freq, start, out, at = freq.ravel(), start.ravel(), np.empty(tables.shape, np.uint32), 0
+    for step, slots_at in enumerate(tables.astype(np.uint64) << 16):
+        slot = x & 0xFFFF
+        out[step] = j = owner[slots_at + slot]
+        x = freq[j] * (x >> 16) + slot - start[j]
+        need = x < 1 << 32
+        n = int(np.count_nonzero(need))
+        x[need] = x[need] << 32 | words[at : at + n]
+        at += n
+    return (out & 255).astype(np.int16)
+
+
+def rans_tables(models: list, shapes: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(table of every int [steps, lanes], freq [tables, 256], start) for the tensors' class models
+    [(axis, labels, codes)]; a last table of one certain symbol (0 bits) pads the last step."""
+    codes = np.zeros((sum(len(m[2]) for m in models) + 1, 256), np.uint8)
+    codes[-1, 0], parts, base = 1, [np.zeros(0, np.int32)], 0
+    for (axis, labels, table_codes), shape in zip(models, shapes):
+        codes[base : base + len(table_codes), : table_codes.shape[1]] = table_codes
+        parts.append(np.broadcast_to((base + (labels[None, :] if axis else labels[:, None])).astype(np.int32), shape).ravel())
+        base += len(table_codes)
+    ids = np.concatenate(parts)
+    lanes = min(RANS_LANES, max(1, len(ids) >> 14))  # >= 2^14 ints per lane: the flush costs < 0.004 bit/int
+    freq = code_frequencies(codes).astype(np.uint32)
+    return np.concatenate([ids, np.full(-len(ids) % lanes, base, np.int32)]).reshape(-1, lanes), freq, np.cumsum(freq, 1) - freq
+
+
+def rans_compress(data: bytes) -> bytes:
+    """COMPRESSOR=rans on a serialize() payload. Side bytes per int tensor: axis, k, -lowest value (the
+    symbols are ints - min(ints, 0)), alphabet size - 1, labels (log2 k bits each), the tables' codes."""
+    import lzma
+    header_end = 4 + int.from_bytes(data[:4], "little")
+    begin, meta, models, shapes, symbols = header_end, bytearray(), [], [], [np.zeros(0, np.int16)]
+    for _, kind, shape in json.loads(data[4:header_end]):
+        if kind == "q":
+            q = np.frombuffer(data, np.int8, math.prod(shape), begin).astype(np.int16).reshape(shape[0], math.prod(shape[1:]))
+            begin, low = begin + q.size, int(q.min(initial=0))
+            axis, labels, codes = fit_classes(q - low, int(q.max(initial=0)) - low + 1)
+            bits = np.packbits((labels[:, None] >> np.arange(len(codes).bit_length() - 1)) & 1)
+            meta += bytes([axis, len(codes), -low, codes.shape[1] - 1]) + bits.tobytes() + codes.tobytes()
+            models.append((axis, labels, codes))
+            shapes.append(q.shape)
+            symbols.append((q - low).ravel())
+    rest = data[:header_end] + data[begin:]
+    ids, freq, start = rans_tables(models, shapes)
+    j = ids * 256
+    j.reshape(-1)[: begin - header_end] += np.concatenate(symbols)
+    side = lzma.compress(len(rest).to_bytes(4, "little") + rest + bytes(meta), preset=9 | lzma.PRESET_EXTREME)
+    return b"R" + len(side).to_bytes(4, "little") + side + rans_encode(freq.ravel()[j], start.ravel()[j])
+
+
+def rans_decompress(blob: bytes) -> bytes:
+    """Inverse of rans_compress: the exact serialize() payload."""
+    import lzma
+    side_end = 5 + int.from_bytes(blob[1:5], "little")
+    side = lzma.decompress(blob[5:side_end])
+    rest_end = 4 + int.from_bytes(side[:4], "little")
+    rest, meta, at = side[4:rest_end], side[rest_end:], 0
+    header_end = 4 + int.from_bytes(rest[:4], "little")
+    shapes = [(s[0], math.prod(s[1:])) for _, kind, s in json.loads(rest[4:header_end]) if kind == "q"]
+    models, lows = [], []
+    for shape in shapes:
+        axis, k, alphabet = meta[at], meta[at + 1], meta[at + 3] + 1
+        lines, width = shape[axis], k.bit_length() - 1
+        label_bytes = (lines * width + 7) // 8
+        bits = np.unpackbits(np.frombuffer(meta, np.uint8, label_bytes, at + 4), count=lines * width)
+        codes = np.frombuffer(meta, np.uint8, k * alphabet, at + 4 + label_bytes).reshape(k, alphabet)
+        models.append((axis, bits.reshape(lines, width).astype(np.int64) @ (1 << np.arange(width)), codes))
+        lows.append(-meta[at + 2])
+        at += 4 + label_bytes + k * alphabet
+    ids, freq, start = rans_tables(models, shapes)
+    sizes = [math.prod(shape) for shape in shapes]
+    ints = rans_decode(blob[side_end:], ids, freq, start).ravel()[: sum(sizes)] + np.repeat(np.array(lows, np.int16), sizes)
+    return rest[:header_end] + ints.astype(np.int8).tobytes() + rest[header_end:]
 
 
 def int_entropy_bytes(q: Tensor) -> float:
@@ -1929,6 +2076,18 @@ def rtn_entropy_bytes(plans: list[GPTQPlan], clip_scale: float) -> float:
         q = quantize_rtn(plan.weight, plan_scales(plan, clip_scale), plan.bits)
         total += sum(int_entropy_bytes(part) for part in q.split(plan.row_counts))
     return total
+
+
+def byte_groups(quantized: dict[str, dict], roles: dict[str, Role]) -> dict[str, dict]:
+    """Where the bytes go, per quant group (attn, mlp, embed, gate; fp16 at 2 bytes/value): values and
+    the order-0 entropy bytes of their ints (what a better coder lets the budget search spend)."""
+    groups: dict[str, dict] = {}
+    for name, entry in quantized.items():
+        group = groups.setdefault(roles[name].quant, {"values": 0, "entropy_bytes": 0.0})
+        values = entry["q"] if "q" in entry else entry["fp16"]
+        group["values"] += values.numel()
+        group["entropy_bytes"] += int_entropy_bytes(values) if "q" in entry else 2.0 * values.numel()
+    return groups
 
 
 def search_clip_scale(predict, target: float) -> float:
@@ -1983,7 +2142,7 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
             f"gptq:{t1 - t0:.1f}s {h.compressor}:{t2 - t1:.1f}s")
         fits = len(blob) <= target
         if fits and (best is None or len(blob) > len(best[1])):
-            best = (clip_scale, blob)
+            best = (clip_scale, blob, quantized)
         if fits and (len(blob) >= (1 - BUDGET_TOLERANCE) * target or clip_scale <= CLIP_SCALE_RANGE[0] * 1.001):
             break  # close enough, or already at the finest scale searched
         if not fits and clip_scale >= CLIP_SCALE_RANGE[1] * 0.999:
@@ -1993,7 +2152,7 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
         ratio = (len(blob) - side_bytes) / rtn_entropy_bytes(plans, clip_scale)
     if best is None:
         raise ArtifactBudgetError(f"no attempt fit {target} bytes: {attempts}")
-    clip_scale, blob = best
+    clip_scale, blob, quantized = best
     report = {
         "model_bytes": len(blob), "reserved_bytes": reserved_bytes, "total_bytes": len(blob) + reserved_bytes,
         "target_bytes": target, "clip_scale": clip_scale,
@@ -2002,10 +2161,13 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
                  else 8 if roles[name].quant == "gate" else 16 for name in state},
         "gptq_seconds": gptq_seconds, "compress_seconds": compress_seconds,
         "total_seconds": time.perf_counter() - started, "compressor": h.compressor, "attempts": attempts,
+        "groups": byte_groups(quantized, roles),
     }
     sigmas = " ".join(f"{group} k {k:.2f}" for group, k in report["clip_sigmas"].items())
     log(f"quant:chose clip_scale:{clip_scale:.4f} (effective clip sigmas: {sigmas}) model_bytes:{len(blob)} "
         f"target:{target} in {report['total_seconds']:.1f}s")
+    log("quant:groups " + " | ".join(f"{role} {g['values']} values {8 * g['entropy_bytes'] / max(g['values'], 1):.3f} "
+                                     f"bits/value {g['entropy_bytes']:.0f} entropy bytes" for role, g in report["groups"].items()))
     return blob, report
 
 
