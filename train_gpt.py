@@ -33,7 +33,7 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +235,13 @@ class Hyperparameters:
             self.gptq_calibration_seqs = env_int("GPTQ_CALIBRATION_SEQS", 8, "training sequences per GPTQ calibration batch", min_value=1)
             self.gptq_block_size = env_int("GPTQ_BLOCK_SIZE", 128, "GPTQ column block", min_value=1)
             self.gptq_damp = env_float("GPTQ_DAMP", 0.01, "GPTQ damping as a fraction of mean(diag H)", min_value=0)
+            self.awq_lite_enabled = env_bool("AWQ_LITE_ENABLED", False, "AWQ-lite: the most salient column groups (act_rms*mean|W|) of GPTQ'd tensors with > 65,536 values below 8 bits get 8-bit steps inside GPTQ")
+            self.awq_lite_group_size = env_int("AWQ_LITE_GROUP_SIZE", 64, "AWQ-lite: columns per group (aligned blocks in the original column order)", min_value=1)
+            self.awq_lite_top_k = env_int("AWQ_LITE_TOP_K", 1, "AWQ-lite: groups protected, chosen globally across the model", min_value=1)
+            self.lqer_enabled = env_bool("LQER_ENABLED", False, "LQER: add a low-rank INT2 x INT4 correction of the GPTQ residual W - Q of the LQER_TOP_K tensors of largest ||W - Q||_F")
+            self.lqer_rank = env_int("LQER_RANK", 4, "LQER: rank of the correction A B", min_value=1)
+            self.lqer_top_k = env_int("LQER_TOP_K", 3, "LQER: tensors corrected", min_value=1)
+            self.lqer_asym_group = env_int("LQER_ASYM_GROUP", 32, "LQER: values of B (row-major) per fp16 scale", min_value=1)
             self.compressor = env_str("COMPRESSOR", "brotli", "artifact compressor; rans: numpy rANS with fitted tables for the ints", ("brotli", "zstd", "lzma", "rans"))
             self.artifact_target_bytes = env_int("ARTIFACT_TARGET_BYTES", 0, "total bytes to fit; 0 = 16,000,000", min_value=0)
 
@@ -1609,6 +1616,7 @@ class WeightAverager:
 CLIP_SCALE_RANGE = (0.25, 4.0)       # budget search range of the multiplier on the clip sigmas
 BUDGET_AIM = 0.998                   # aim 0.2% under the target: the size model drifts ~0.1% between scales
 BUDGET_TOLERANCE = 0.003             # accept any size in [target*(1-tol), target]
+AWQ_MIN_VALUES = 65_536             # AWQ-lite candidates: GPTQ'd tensors with more values than this
 BUDGET_ATTEMPTS = 4                  # GPTQ+compress rounds before settling for the best fit found
 COMPRESS_CHUNK_BYTES = 1 << 20       # independent chunks, compressed in parallel child processes
 COMPRESSOR_TAGS = {"brotli": b"B", "zstd": b"Z", "lzma": b"L", "rans": b"R"}
@@ -1684,6 +1692,7 @@ class GPTQPlan:
     hinv_upper: Tensor    # U with U^T U = H_perm^-1 (damped)
     bits: int
     clip_sigmas: float
+    awq: dict[str, list[list[int]]] = field(default_factory=dict)  # AWQ-lite: name -> protected [start, end) columns
 
 
 def plan_gptq(weight: Tensor, hessian: Tensor, damp: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -1723,24 +1732,26 @@ def quantize_rtn(weight: Tensor, scale: Tensor, bits: int) -> Tensor:
 
 
 def gptq_quantize(weight: Tensor, perm: Tensor, hinv_upper: Tensor, scale: Tensor, bits: int,
-                  block_size: int) -> Tensor:
+                  block_size: int, fine: Tensor | None = None) -> Tensor:
     """GPTQ (Frantar et al. 2022): quantize columns in act-order; each column's error, divided by
     U_jj, is pushed onto the later columns along row j of U (within the block at once, after the
-    block as one matmul). Returns int8 [rows, cols] in the original column order."""
-    qmax = 2 ** (bits - 1) - 1
+    block as one matmul). fine: optional [rows, cols] steps of AWQ-lite's protected entries (0 elsewhere),
+    coded in +-127 at that step with the same error feedback. Returns int8 [rows, cols] in the original column order."""
+    fine = torch.zeros_like(weight) if fine is None else fine
+    step = torch.where(fine > 0, fine, scale[:, None])[:, perm]
+    limit = torch.where(fine > 0, 127.0, float(2 ** (bits - 1) - 1))[:, perm]
     w = weight[:, perm].clone()
     q = torch.empty_like(w)
     cols = w.size(1)
-    s = scale[:, None]
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         u_block = hinv_upper[start:end, start:end]
         errors = torch.empty_like(w[:, start:end])
         for j in range(end - start):
-            col = w[:, start + j]
-            q_col = torch.clamp(torch.round(col / s[:, 0]), -qmax, qmax)
+            col, s, qmax = w[:, start + j], step[:, start + j], limit[:, start + j]
+            q_col = torch.clamp(torch.round(col / s), -qmax, qmax)
             q[:, start + j] = q_col
-            err = (col - q_col * s[:, 0]) / u_block[j, j]
+            err = (col - q_col * s) / u_block[j, j]
             w[:, start + j:end] -= err[:, None] * u_block[j, j:][None, :]
             errors[:, j] = err
         w[:, end:] -= errors @ hinv_upper[start:end, end:]
@@ -1770,36 +1781,55 @@ def plan_quantization(state: dict[str, Tensor], roles: dict[str, Role], hessians
             groups.append((quant, hessian, [name]))
         else:
             same[2].append(name)
-    plans = []
+    plans, candidates, size = [], [], h.awq_lite_group_size
     for quant, hessian, names in groups:
         weight = torch.cat([state[n].to(device).float() for n in names])
         weight, perm, hinv_upper = plan_gptq(weight, hessian, h.gptq_damp)
         plans.append(GPTQPlan(names, [state[n].size(0) for n in names], weight, perm, hinv_upper, *gptq_settings(quant, h)))
+        for name, w in zip(names, weight.split(plans[-1].row_counts)):
+            if h.awq_lite_enabled and w.numel() > AWQ_MIN_VALUES and plans[-1].bits < 8:
+                # AWQ-lite salience[c] = act_rms[c] * mean_r |W[r,c]|, act_rms ~ sqrt(H_cc): H sums every call of a
+                # looped layer (GPTQ's objective counts each), so its columns weigh once per call; scores per aligned group.
+                scores = (hessian.diagonal().sqrt() * w.abs().mean(0))[: w.size(1) // size * size].view(-1, size).sum(1)
+                candidates += [(float(score), name, len(plans) - 1, i * size) for i, score in enumerate(scores)]
+    for _, name, i, start in sorted(candidates, reverse=True)[: h.awq_lite_top_k]:
+        plans[i].awq.setdefault(name, []).append([start, start + size])
     return plans
 
 
-def quantize_absmax_rows(weight: Tensor) -> dict:
-    """int8 per row with scale max|row|/127 (small gate matrices: too few values for SDClip statistics)."""
-    scale = (weight.float().abs().amax(dim=1) / 127).clamp_min(2.0 ** -24).half()
-    return {"q": torch.clamp(torch.round(weight.float() / scale.float()[:, None]), -127, 127).to(torch.int8).cpu(),
+def quantize_absmax_rows(weight: Tensor, top: float = 127, low: int = -127, high: int = 127) -> dict:
+    """Ints per row with scale max|row|/top, codes clamp(round(w/scale), low, high): int8 gates (too few
+    values for SDClip statistics) and LQER's factors."""
+    scale = (weight.float().abs().amax(dim=1) / top).clamp_min(2.0 ** -24).half()
+    return {"q": torch.clamp(torch.round(weight.float() / scale.float()[:, None]), low, high).to(torch.int8).cpu(),
             "scale": scale.cpu()}
 
 
-def plan_scales(plan: GPTQPlan, clip_scale: float) -> Tensor:
-    """Row scales of a stacked plan: SDClip per original row, clip sigmas times the searched multiplier."""
-    return sdclip_scales(plan.weight, plan.bits, plan.clip_sigmas * clip_scale)
+def plan_scales(plan: GPTQPlan, clip_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(row scales, 8-bit row scales, fine steps [rows, cols]) of a stacked plan: SDClip per original row,
+    clip sigmas times the searched multiplier; AWQ-lite's columns (plan.awq) keep that clip range with
+    8-bit steps (fine = k*std(row)/127 there, 0 elsewhere)."""
+    scale, fine_scale = (sdclip_scales(plan.weight, bits, plan.clip_sigmas * clip_scale) for bits in (plan.bits, 8))
+    fine = torch.zeros_like(plan.weight)
+    for name, part, s_part in zip(plan.names, fine.split(plan.row_counts), fine_scale.split(plan.row_counts)):
+        for start, end in plan.awq.get(name, []):
+            part[:, start:end] = s_part[:, None]  # split() gives views: this writes into fine
+    return scale, fine_scale, fine
 
 
 def quantize_state(state: dict[str, Tensor], roles: dict[str, Role], plans: list[GPTQPlan], clip_scale: float,
                    block_size: int) -> dict[str, dict]:
     """Every tensor as its Role says, on CPU: GPTQ groups at this clip scale and gates as
-    {"q": int8, "scale": fp16 per row}; the rest as {"fp16": tensor}."""
+    {"q": int8, "scale": fp16 per row}; the rest as {"fp16": tensor}. A tensor with AWQ-lite columns adds
+    "awq" (their [start, end) ranges) and "awq_scale" (fp16 8-bit step per row)."""
     quantized: dict[str, dict] = {}
     for plan in plans:
-        scale = plan_scales(plan, clip_scale)
-        q = gptq_quantize(plan.weight, plan.perm, plan.hinv_upper, scale, plan.bits, block_size)
-        for name, q_part, s_part in zip(plan.names, q.split(plan.row_counts), scale.split(plan.row_counts)):
+        scale, fine_scale, fine = plan_scales(plan, clip_scale)
+        q = gptq_quantize(plan.weight, plan.perm, plan.hinv_upper, scale, plan.bits, block_size, fine)
+        for name, q_part, s_part, f_part in zip(plan.names, *(t.split(plan.row_counts) for t in (q, scale, fine_scale))):
             quantized[name] = {"q": q_part.cpu(), "scale": s_part.half().cpu()}
+            if name in plan.awq:
+                quantized[name].update(awq=plan.awq[name], awq_scale=f_part.half().cpu())
     for name, tensor in state.items():
         if roles[name].quant == "gate":
             quantized[name] = quantize_absmax_rows(tensor)
@@ -1808,10 +1838,45 @@ def quantize_state(state: dict[str, Tensor], roles: dict[str, Role], plans: list
     return {name: quantized[name] for name in state}
 
 
+def lqer_correct(quantized: dict[str, dict], plans: list[GPTQPlan], h: Hyperparameters) -> list[str]:
+    """LQER, asymmetric: the LQER_TOP_K GPTQ'd tensors of largest ||E||_F, E = W - Q (Q AWQ-aware), get E ~ A B,
+    a rank-r SVD: A = U_r S_r as INT2 (one scale max|A|/1.5, codes -2..1, 4 per byte at bits 2i as code + 2:
+    entry <name>.lqer_a), B = V_r^T as INT4 in row-major groups of g (scale max|group|/7.5, codes -8..7: entry
+    <name>.lqer_b [r*cols/g, g]; packing A, not B, came out smallest under brotli and rans). Returns the names."""
+    residuals = {name: w - dequantize_entry(quantized[name]).to(w.device)
+                 for plan in plans for name, w in zip(plan.names, plan.weight.split(plan.row_counts))}
+    chosen = sorted(residuals, key=lambda n: -float(residuals[n].norm()))[: h.lqer_top_k]
+    for name in chosen:
+        u, s, vh = torch.linalg.svd(residuals[name], full_matrices=False)
+        a, b = u[:, : h.lqer_rank] * s[: h.lqer_rank], vh[: h.lqer_rank]
+        group = math.gcd(h.lqer_asym_group, b.numel())  # a group must divide r*cols
+        qa = quantize_absmax_rows(a.reshape(1, -1), 1.5, -2, 1)
+        codes = F.pad(qa["q"].view(-1).int() + 2, (0, -a.numel() % 4)).view(-1, 4) << torch.arange(0, 8, 2, dtype=torch.int32)
+        quantized[f"{name}.lqer_a"] = {"q": codes.sum(1).to(torch.uint8).view(torch.int8)[None], "scale": qa["scale"]}
+        quantized[f"{name}.lqer_b"] = quantize_absmax_rows(b.reshape(-1, group), 7.5, -8, 7)
+    return chosen
+
+
+def dequantize_entry(entry: dict) -> Tensor:
+    """fp32 of one entry: q * scale per row (AWQ-lite's columns at their own per-row scale); fp16 as is."""
+    if "q" not in entry:
+        return entry["fp16"].float()
+    scale = entry["scale"].float()[:, None].expand(entry["q"].shape).clone()
+    for start, end in entry.get("awq", []):
+        scale[:, start:end] = entry["awq_scale"].float()[:, None]
+    return entry["q"].float() * scale
+
+
 def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
-    """W = q * scale per row (fp32); fp16 tensors back to fp32."""
-    return {name: (entry["q"].float() * entry["scale"].float()[:, None]) if "q" in entry else entry["fp16"].float()
-            for name, entry in quantized.items()}
+    """Every entry through dequantize_entry; LQER's factor entries are folded in: W = Q + A B."""
+    state = {name: dequantize_entry(entry) for name, entry in quantized.items() if not name.endswith(".lqer_a")}
+    for name in [n for n in quantized if n.endswith(".lqer_a")]:
+        parent = name.removesuffix(".lqer_a")
+        b = state.pop(f"{parent}.lqer_b").view(-1, state[parent].size(1))
+        codes = (quantized[name]["q"].view(torch.uint8).view(-1, 1).int() >> torch.arange(0, 8, 2, dtype=torch.int32)) & 3
+        a = (codes.view(-1)[: state[parent].size(0) * b.size(0)] - 2).float() * quantized[name]["scale"].float()
+        state[parent] = state[parent] + a.view(-1, b.size(0)) @ b
+    return state
 
 
 def byte_shuffle(array: np.ndarray) -> bytes:
@@ -1831,10 +1896,10 @@ def serialize(quantized: dict[str, dict]) -> bytes:
     and 64-byte alignment per tensor."""
     header, int8_parts, fp16_scales, fp16_values = [], [], [], []
     for name, entry in quantized.items():
-        if "q" in entry:
-            header.append([name, "q", list(entry["q"].shape)])
+        if "q" in entry:  # AWQ-lite's column ranges ride in the header, its per-row scales after the row scales
+            header.append([name, "q", list(entry["q"].shape)] + ([entry["awq"]] if "awq" in entry else []))
             int8_parts.append(entry["q"].numpy().reshape(-1))
-            fp16_scales.append(entry["scale"].numpy().reshape(-1))
+            fp16_scales += [entry["scale"].numpy().reshape(-1)] + ([entry["awq_scale"].numpy()] if "awq" in entry else [])
         else:
             header.append([name, "fp16", list(entry["fp16"].shape)])
             fp16_values.append(entry["fp16"].numpy().reshape(-1))
@@ -1848,22 +1913,24 @@ def deserialize(data: bytes) -> dict[str, dict]:
     header_len = int.from_bytes(data[:4], "little")
     header = json.loads(data[4 : 4 + header_len])
     offset = 4 + header_len
-    int8_total = sum(math.prod(shape) for _, kind, shape in header if kind == "q")
+    int8_total = sum(math.prod(shape) for _, kind, shape, *_ in header if kind == "q")
     int8 = np.frombuffer(data, dtype=np.int8, count=int8_total, offset=offset)
     fp16 = byte_unshuffle(data[offset + int8_total :], np.float16)
     quantized, i8, f16 = {}, 0, 0
-    for name, kind, shape in header:
-        if kind == "q":  # scales come first in the fp16 section, one per row
+    for name, kind, shape, *awq in header:
+        if kind == "q":  # scales come first in the fp16 section, one per row (twice with AWQ-lite columns)
             n = math.prod(shape)
             quantized[name] = {"q": torch.from_numpy(int8[i8 : i8 + n].copy()).view(shape),
                                "scale": torch.from_numpy(fp16[f16 : f16 + shape[0]].copy())}
-            i8, f16 = i8 + n, f16 + shape[0]
-    for name, kind, shape in header:
+            if awq:
+                quantized[name].update(awq=awq[0], awq_scale=torch.from_numpy(fp16[f16 + shape[0] : f16 + 2 * shape[0]].copy()))
+            i8, f16 = i8 + n, f16 + shape[0] * (1 + len(awq))
+    for name, kind, shape, *_ in header:
         if kind == "fp16":
             n = math.prod(shape)
             quantized[name] = {"fp16": torch.from_numpy(fp16[f16 : f16 + n].copy()).view(shape)}
             f16 += n
-    return {name: quantized[name] for name, _, _ in header}
+    return {name: quantized[name] for name, *_ in header}
 
 
 def require_compressor(name: str):
@@ -2017,7 +2084,7 @@ def rans_compress(data: bytes) -> bytes:
     import lzma
     header_end = 4 + int.from_bytes(data[:4], "little")
     begin, meta, models, shapes, symbols = header_end, bytearray(), [], [], [np.zeros(0, np.int16)]
-    for _, kind, shape in json.loads(data[4:header_end]):
+    for _, kind, shape, *_ in json.loads(data[4:header_end]):
         if kind == "q":
             q = np.frombuffer(data, np.int8, math.prod(shape), begin).astype(np.int16).reshape(shape[0], math.prod(shape[1:]))
             begin, low = begin + q.size, int(q.min(initial=0))
@@ -2043,7 +2110,7 @@ def rans_decompress(blob: bytes) -> bytes:
     rest_end = 4 + int.from_bytes(side[:4], "little")
     rest, meta, at = side[4:rest_end], side[rest_end:], 0
     header_end = 4 + int.from_bytes(rest[:4], "little")
-    shapes = [(s[0], math.prod(s[1:])) for _, kind, s in json.loads(rest[4:header_end]) if kind == "q"]
+    shapes = [(s[0], math.prod(s[1:])) for _, kind, s, *_ in json.loads(rest[4:header_end]) if kind == "q"]
     models, lows = [], []
     for shape in shapes:
         axis, k, alphabet = meta[at], meta[at + 1], meta[at + 3] + 1
@@ -2073,7 +2140,9 @@ def rtn_entropy_bytes(plans: list[GPTQPlan], clip_scale: float) -> float:
     device; per tensor, since the compressor adapts to each tensor's statistics)."""
     total = 0.0
     for plan in plans:
-        q = quantize_rtn(plan.weight, plan_scales(plan, clip_scale), plan.bits)
+        scale, _, fine = plan_scales(plan, clip_scale)
+        q = torch.where(fine > 0, torch.clamp(torch.round(plan.weight / fine.clamp_min(2.0 ** -24)), -127, 127),
+                        quantize_rtn(plan.weight, scale, plan.bits))
         total += sum(int_entropy_bytes(part) for part in q.split(plan.row_counts))
     return total
 
@@ -2083,7 +2152,7 @@ def byte_groups(quantized: dict[str, dict], roles: dict[str, Role]) -> dict[str,
     the order-0 entropy bytes of their ints (what a better coder lets the budget search spend)."""
     groups: dict[str, dict] = {}
     for name, entry in quantized.items():
-        group = groups.setdefault(roles[name].quant, {"values": 0, "entropy_bytes": 0.0})
+        group = groups.setdefault(roles[name].quant if name in roles else "lqer", {"values": 0, "entropy_bytes": 0.0})
         values = entry["q"] if "q" in entry else entry["fp16"]
         group["values"] += values.numel()
         group["entropy_bytes"] += int_entropy_bytes(values) if "q" in entry else 2.0 * values.numel()
@@ -2127,12 +2196,13 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
     side = {n: e for n, e in quantize_state(state, roles, [], 1.0, h.gptq_block_size).items()
             if roles[n].quant not in GPTQ_GROUPS}
     side_bytes = len(compress(serialize(side), h.compressor)) if side else 0
-    ratio, attempts, best = 1.0, [], None
+    ratio, factor_bytes, attempts, best = 1.0, 0.0, [], None
     gptq_seconds = compress_seconds = 0.0
     for attempt in range(BUDGET_ATTEMPTS):
-        clip_scale = search_clip_scale(lambda s: ratio * rtn_entropy_bytes(plans, s) + side_bytes, BUDGET_AIM * target)
+        clip_scale = search_clip_scale(lambda s: ratio * rtn_entropy_bytes(plans, s) + side_bytes + factor_bytes, BUDGET_AIM * target)
         t0 = time.perf_counter()
         quantized = quantize_state(state, roles, plans, clip_scale, h.gptq_block_size)
+        corrected = lqer_correct(quantized, plans, h) if h.lqer_enabled else []
         t1 = time.perf_counter()
         blob = compress(serialize(quantized), h.compressor)
         t2 = time.perf_counter()
@@ -2142,17 +2212,19 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
             f"gptq:{t1 - t0:.1f}s {h.compressor}:{t2 - t1:.1f}s")
         fits = len(blob) <= target
         if fits and (best is None or len(blob) > len(best[1])):
-            best = (clip_scale, blob, quantized)
+            best = (clip_scale, blob, quantized, corrected)
         if fits and (len(blob) >= (1 - BUDGET_TOLERANCE) * target or clip_scale <= CLIP_SCALE_RANGE[0] * 1.001):
             break  # close enough, or already at the finest scale searched
         if not fits and clip_scale >= CLIP_SCALE_RANGE[1] * 0.999:
             raise ArtifactBudgetError(
                 f"model needs {len(blob)} bytes > target {target} even at {CLIP_SCALE_RANGE[1]}x clip sigmas; "
                 f"lower MATRIX_BITS/EMBED_BITS or shrink the model")
-        ratio = (len(blob) - side_bytes) / rtn_entropy_bytes(plans, clip_scale)
+        # LQER's factors hardly change with the scale: an additive term (their ints' entropy + fp16 scales).
+        factor_bytes = sum(int_entropy_bytes(e["q"]) + 2 * e["scale"].numel() for n, e in quantized.items() if n not in state)
+        ratio = (len(blob) - side_bytes - factor_bytes) / rtn_entropy_bytes(plans, clip_scale)
     if best is None:
         raise ArtifactBudgetError(f"no attempt fit {target} bytes: {attempts}")
-    clip_scale, blob, quantized = best
+    clip_scale, blob, quantized, corrected = best
     report = {
         "model_bytes": len(blob), "reserved_bytes": reserved_bytes, "total_bytes": len(blob) + reserved_bytes,
         "target_bytes": target, "clip_scale": clip_scale,
@@ -2161,11 +2233,12 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
                  else 8 if roles[name].quant == "gate" else 16 for name in state},
         "gptq_seconds": gptq_seconds, "compress_seconds": compress_seconds,
         "total_seconds": time.perf_counter() - started, "compressor": h.compressor, "attempts": attempts,
-        "groups": byte_groups(quantized, roles),
+        "groups": byte_groups(quantized, roles), "lqer": corrected,
+        "awq_lite": {name: cols for plan in plans for name, cols in plan.awq.items()},
     }
     sigmas = " ".join(f"{group} k {k:.2f}" for group, k in report["clip_sigmas"].items())
     log(f"quant:chose clip_scale:{clip_scale:.4f} (effective clip sigmas: {sigmas}) model_bytes:{len(blob)} "
-        f"target:{target} in {report['total_seconds']:.1f}s")
+        f"target:{target} in {report['total_seconds']:.1f}s awq_lite:{report['awq_lite']} lqer:{corrected}")
     log("quant:groups " + " | ".join(f"{role} {g['values']} values {8 * g['entropy_bytes'] / max(g['values'], 1):.3f} "
                                      f"bits/value {g['entropy_bytes']:.0f} entropy bytes" for role, g in report["groups"].items()))
     return blob, report

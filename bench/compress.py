@@ -80,7 +80,7 @@ def int_tensors(payload: bytes):
     """(name, ints [rows, cols] int64) of every quantized tensor, and the payload without the ints."""
     header_len = int.from_bytes(payload[:4], "little")
     begin, tensors = 4 + header_len, []
-    for name, kind, shape in json.loads(payload[4:begin]):
+    for name, kind, shape, *_ in json.loads(payload[4:begin]):
         if kind == "q":
             count = math.prod(shape)
             ints = np.frombuffer(payload, np.int8, count, begin).astype(np.int64)
@@ -276,6 +276,7 @@ def main():
     h, payload = load_payload()
     with torch.device("meta"):
         roles = {name: role.quant for name, role in tg.GPT(h).parameter_roles().items()}
+    roles.update({name: "lqer" for name, _ in int_tensors(payload)[0] if name not in roles})  # LQER's factor entries
     tensors, rest = int_tensors(payload)
     entropy = sum(tg.int_entropy_bytes(torch.from_numpy(q)) for _, q in tensors if q.size)
     print(f"payload {len(payload):,} bytes ({sum(q.size for _, q in tensors):,} ints, {len(rest):,} bytes of header "

@@ -206,19 +206,32 @@ def test_missing_compressor_package_names_it(monkeypatch):
         tg.compress(b"x", "zstd")
 
 
+def with_awq_lite_and_lqer(h, monkeypatch):
+    """AWQ-lite and LQER on for the tiny model: its tensors have fewer than 65,536 values, and 16-column groups."""
+    monkeypatch.setattr(tg, "AWQ_MIN_VALUES", 0)
+    h.awq_lite_enabled, h.awq_lite_group_size, h.lqer_enabled = True, 16, True
+
+
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "awq_lqer"])
 @pytest.mark.parametrize("compressor", ["brotli", "rans"])
-def test_reloaded_artifact_matches_in_memory_quantized_model(tiny, compressor):
+def test_reloaded_artifact_matches_in_memory_quantized_model(tiny, compressor, extras, monkeypatch):
     model = trained_model(tiny)
     hessians = tg.collect_hessians(model, synthetic_batches(4, seed=2), tg.Runtime())
     tiny.artifact_target_bytes, tiny.compressor = 1_000_000, compressor  # loose: one attempt
+    if extras:
+        with_awq_lite_and_lqer(tiny, monkeypatch)
     blob, report = tg.quantize_and_pack(model, hessians, tiny, reserved_bytes=0)
+    assert (len(report["lqer"]), len(report["awq_lite"])) == ((3, 1) if extras else (0, 0))
     reloaded = tg.GPT(tiny)
     tg.load_artifact(blob, reloaded)
     state = model.state_dict()
     roles = model.parameter_roles()
     plans = tg.plan_quantization(state, roles, hessians, tiny, torch.device("cpu"))
+    quantized = tg.quantize_state(state, roles, plans, report["clip_scale"], tiny.gptq_block_size)
+    if extras:
+        assert tg.lqer_correct(quantized, plans, tiny) == report["lqer"]
     in_memory = tg.GPT(tiny)
-    in_memory.load_state_dict(tg.dequantize_state(tg.quantize_state(state, roles, plans, report["clip_scale"], tiny.gptq_block_size)))
+    in_memory.load_state_dict(tg.dequantize_state(quantized))
     x, _ = synthetic_batches(1, seed=5)[0]
     with torch.no_grad():
         assert torch.equal(reloaded(x), in_memory(x))
@@ -236,25 +249,145 @@ def test_over_budget_target_raises(tiny):
         tg.quantize_and_pack(model, hessians, tiny, reserved_bytes=1_000)
 
 
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "awq_lqer"])
 @pytest.mark.parametrize("compressor", ["brotli", "rans"])
-def test_budget_search_lands_just_under_target(tiny, compressor):
+def test_budget_search_lands_just_under_target(tiny, compressor, extras, monkeypatch):
+    """The size model counts AWQ-lite's 8-bit columns (in the RTN entropy) and LQER's factors (an additive
+    term): with both on, the search still lands as often as without (LQER's ~1 KB is ~2% of this tiny
+    blob; at 16 MB its ~20 KB is ~0.1%, so the fit is easier there)."""
     model = trained_model(tiny)
     hessians = tg.collect_hessians(model, synthetic_batches(4, seed=2), tg.Runtime())
     tiny.artifact_target_bytes, tiny.compressor = 61_000, compressor
+    if extras:
+        with_awq_lite_and_lqer(tiny, monkeypatch)
     blob, report = tg.quantize_and_pack(model, hessians, tiny, reserved_bytes=1_000)
     assert report["target_bytes"] == 60_000 and report["model_bytes"] == len(blob)
     assert (1 - tg.BUDGET_TOLERANCE) * 60_000 <= len(blob) <= 60_000
     assert len(report["attempts"]) <= (2 if compressor == "rans" else 3)
-    groups = report["groups"]  # where the bytes went: every value counted once, per quant group
+    groups = report["groups"]  # where the bytes went: every value counted once, per quant group (LQER's factors apart)
     roles = model.parameter_roles()
-    assert set(groups) == {role.quant for role in roles.values()}
-    assert sum(g["values"] for g in groups.values()) == sum(t.numel() for t in model.state_dict().values())
+    assert set(groups) - {"lqer"} == {role.quant for role in roles.values()} and ("lqer" in groups) == extras
+    assert sum(g["values"] for n, g in groups.items() if n != "lqer") == sum(t.numel() for t in model.state_dict().values())
     q = tg.deserialize(tg.decompress(blob))["tok_emb.weight"]["q"]
     _, counts = np.unique(q.numpy(), return_counts=True)
     assert roles["tok_emb.weight"].quant == "embed" and [n for n in roles if roles[n].quant == "embed"] == ["tok_emb.weight"]
     assert groups["embed"]["entropy_bytes"] == pytest.approx(-(counts * np.log2(counts / q.numel())).sum() / 8)
     assert report["bits"]["tok_emb.weight"] == 7 and report["bits"]["blocks.0.mlp.up.weight"] == 6
     assert report["bits"]["skip_gates"] == 16
+
+
+def unpack_int2(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """Reference unpacking of LQER's A: byte i holds codes 4i..4i+3, code + 2 in bits 2k..2k+1."""
+    flat = [((int(b) & 255) >> (2 * k) & 3) - 2 for b in packed.reshape(-1) for k in range(4)]
+    return torch.tensor(flat[:count], dtype=torch.float32)
+
+
+def test_lqer_lowers_reconstruction_error_on_trained_weights(tiny):
+    """On the trained tiny model: LQER corrects the top-K tensors by ||W - Q||_F; A's codes are -2..1 and B's
+    -8..7 (groups of LQER_ASYM_GROUP); W = Q + A B rebuilt here from the codes matches dequantize_state;
+    its error is below GPTQ's alone by at least a quarter of what the exact rank-r truncation removes."""
+    model = trained_model(tiny)
+    hessians = tg.collect_hessians(model, synthetic_batches(4, seed=2), tg.Runtime())
+    state, roles = model.state_dict(), model.parameter_roles()
+    plans = tg.plan_quantization(state, roles, hessians, tiny, torch.device("cpu"))
+    quantized = tg.quantize_state(state, roles, plans, 1.0, tiny.gptq_block_size)
+    gptq = {n: e["q"].float() * e["scale"].float()[:, None] for n, e in quantized.items() if "q" in e and roles[n].quant != "gate"}
+    errors = {n: (state[n] - w) for n, w in gptq.items()}
+    top = sorted(errors, key=lambda n: -errors[n].norm())[: tiny.lqer_top_k]
+    chosen = tg.lqer_correct(quantized, plans, tiny)
+    assert chosen == top and len(chosen) == 3
+    deq = tg.dequantize_state(quantized)
+    assert deq.keys() == state.keys()
+    for name in chosen:
+        rows, cols = state[name].shape
+        a_entry, b_entry = quantized[f"{name}.lqer_a"], quantized[f"{name}.lqer_b"]
+        a = unpack_int2(a_entry["q"], rows * tiny.lqer_rank)
+        assert a.min() >= -2 and a.max() <= 1 and a.abs().max() > 0
+        assert b_entry["q"].shape[1] == tiny.lqer_asym_group and -8 <= b_entry["q"].min() and b_entry["q"].max() <= 7
+        b = (b_entry["q"].float() * b_entry["scale"].float()[:, None]).reshape(tiny.lqer_rank, cols)
+        rebuilt = gptq[name] + (a * a_entry["scale"].float()).reshape(rows, tiny.lqer_rank) @ b
+        torch.testing.assert_close(deq[name], rebuilt, rtol=0, atol=1e-6)
+        e = errors[name].double().numpy()
+        sv = np.linalg.svd(e, compute_uv=False)
+        exact_gain = (sv[: tiny.lqer_rank] ** 2).sum()
+        assert float((state[name] - rebuilt).norm()) ** 2 < (e ** 2).sum() - 0.25 * exact_gain, name
+    for name in set(gptq) - set(chosen):
+        assert torch.equal(deq[name], gptq[name])
+
+
+def massive_channel_layers(seed: int, rows: int = 192, cols: int = 512):
+    """Three [rows, cols] weights and their calibration / held-back Hessians X^T X. Input channels have
+    log-normal RMS and correlated mixes; the first layer's input has one channel 50x larger (the
+    'massive activation' that real residual streams carry)."""
+    g = torch.Generator().manual_seed(seed)
+    state, calib, held = {}, {}, {}
+    for i in range(3):
+        rms = torch.exp(0.5 * torch.randn(cols, generator=g))
+        if i == 0:
+            rms[int(torch.randint(cols, (1,), generator=g))] *= 50.0
+        mix = torch.randn(cols, cols, generator=g) / cols ** 0.5 + torch.eye(cols)
+        x_calib, x_held = ((torch.randn(2048, cols, generator=g) @ mix) * rms for _ in range(2))
+        state[f"w{i}"] = torch.randn(rows, cols, generator=g) * 0.02 * torch.exp(0.3 * torch.randn(rows, 1, generator=g))
+        calib[f"w{i}"], held[f"w{i}"] = x_calib.T @ x_calib, x_held.T @ x_held
+    return state, calib, held
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_awq_lite_lowers_held_back_output_error_at_equal_bytes(seed):
+    """AWQ-lite spends its bytes better than a finer step everywhere. Equal bytes, made fair: the plain
+    GPTQ model gets a smaller clip scale (finer steps in every column) until its rans-coded payload is at
+    least as large as AWQ-lite's (8-bit codes, per-row fp16 scales and header included); then the summed
+    ||(W - Q) X||^2 on held-back activations is lower with AWQ-lite. The protected group holds the massive
+    channel, keeps the clip range (|codes| past the 6-bit 31) and nothing else leaves +-31."""
+    state, calib, held = massive_channel_layers(seed)
+    massive = int(calib["w0"].diagonal().argmax())
+    roles = {name: tg.Role("muon", "mlp", "input") for name in state}
+    h = tg.Hyperparameters()
+    results = {}
+    for awq in (True, False):
+        h.awq_lite_enabled = awq
+        plans = tg.plan_quantization(state, roles, calib, h, torch.device("cpu"))
+
+        def pack(clip_scale):
+            quantized = tg.quantize_state(state, roles, plans, clip_scale, h.gptq_block_size)
+            return len(tg.compress(tg.serialize(quantized), "rans")), quantized
+
+        size, quantized = pack(1.0)
+        if awq:
+            awq_size, (start, end) = size, quantized["w0"]["awq"][0]
+            assert [e.get("awq") for e in quantized.values()] == [[[start, end]], None, None]
+            assert start <= massive < end and end - start == h.awq_lite_group_size
+            q = quantized["w0"]["q"]
+            assert q[:, start:end].abs().max() > 31 and q[:, :start].abs().max() <= 31 and q[:, end:].abs().max() <= 31
+        clip_scale = 2.0 ** (-8 * max(awq_size - size, 0) / sum(w.numel() for w in state.values()))  # ~bits per value
+        while size < awq_size:
+            size, quantized = pack(clip_scale)
+            clip_scale *= 0.995
+        deq = tg.dequantize_state(quantized)
+        results[awq] = sum(output_error(state[n], deq[n], held[n]) for n in state), size
+    assert results[False][1] >= results[True][1]
+    assert results[True][0] < 0.9 * results[False][0]
+
+
+@pytest.mark.parametrize("compressor", ["brotli", "rans"])
+def test_awq_lite_and_lqer_entries_round_trip(tiny, compressor, monkeypatch):
+    """serialize -> compress -> decompress -> deserialize gives back every entry exactly: AWQ-lite's column
+    ranges and per-row scales, and LQER's factor entries."""
+    model = trained_model(tiny)
+    hessians = tg.collect_hessians(model, synthetic_batches(2, seed=2), tg.Runtime())
+    with_awq_lite_and_lqer(tiny, monkeypatch)
+    tiny.awq_lite_top_k = 2
+    state, roles = model.state_dict(), model.parameter_roles()
+    plans = tg.plan_quantization(state, roles, hessians, tiny, torch.device("cpu"))
+    quantized = tg.quantize_state(state, roles, plans, 1.0, tiny.gptq_block_size)
+    tg.lqer_correct(quantized, plans, tiny)
+    back = tg.deserialize(tg.decompress(tg.compress(tg.serialize(quantized), compressor)))
+    assert list(back) == list(quantized)
+    assert sum(len(e.get("awq", [])) for e in back.values()) == 2 and sum(n.endswith(".lqer_b") for n in back) == 3
+    for name, entry in quantized.items():
+        assert back[name].keys() == entry.keys(), name
+        for key, value in entry.items():
+            assert torch.equal(back[name][key], value) if torch.is_tensor(value) else back[name][key] == value, (name, key)
 
 
 def test_hessians_count_every_looped_call(tiny):

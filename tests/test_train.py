@@ -282,15 +282,17 @@ def test_eval_only_rescores_the_saved_artifact(pipeline):
 
 
 def test_requantize_from_quantizes_the_saved_weights_without_training(pipeline):
-    """REQUANTIZE_FROM: the run's saved averaged weights, quantized with other quantization knobs."""
+    """REQUANTIZE_FROM: the run's saved averaged weights, quantized with other quantization knobs (LQER
+    on: its factors go through the artifact file and the reload that is scored)."""
     root, one = pipeline
     final = _summary(one)[2]
     done = _run_script(root, "requant", [sys.executable], REQUANTIZE_FROM=final["weights_path"], MATRIX_BITS="4",
-                       ARTIFACT_TARGET_BYTES="10000000")
+                       ARTIFACT_TARGET_BYTES="10000000", LQER_ENABLED="1")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     requant = _jsonl(root / "logs" / "requant.jsonl")
     assert not any(e["event"] == "step" for e in requant)
-    assert next(e for e in requant if e["event"] == "artifact")["report"]["bits"]["blocks.0.mlp.up.weight"] == 4
+    report = next(e for e in requant if e["event"] == "artifact")["report"]
+    assert report["bits"]["blocks.0.mlp.up.weight"] == 4 and len(report["lqer"]) == 3
     requant_final = next(e for e in requant if e["event"] == "final")
     assert requant_final["status"] == "ok" and requant_final["val_bpb"] != final["val_bpb"]
     # A model knob that disagrees with the saved weights is refused before any data is read.
