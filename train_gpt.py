@@ -2177,8 +2177,8 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
 
     target = (ARTIFACT_TARGET_BYTES or 16,000,000) - reserved_bytes (the shipped code and the
     artifact's config header). A global multiplier on the clip
-    sigmas is searched: size(scale) ~ c * sum_t n_t*H(RTN ints at scale) + fp16 part, where H is the
-    order-0 entropy (cheap), and c is calibrated on each exact GPTQ + compression round (it folds in
+    sigmas is searched: size(scale) ~ c * sum_t n_t*H(RTN ints at scale) + fp16 part + LQER/AWQ-lite side
+    bytes (last round's), where H is the order-0 entropy (cheap), and c is calibrated on each exact GPTQ + compression round (it folds in
     the compressor's overhead and GPTQ's slightly wider ints); typically two rounds. Scale-independent
     GPTQ work (act order, Cholesky factors) is done once. Hessians and weights are used on the
     Hessians' device (GPU: fast; CPU works). Deterministic, so running it on every rank gives the same blob;
@@ -2196,10 +2196,10 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
     side = {n: e for n, e in quantize_state(state, roles, [], 1.0, h.gptq_block_size).items()
             if roles[n].quant not in GPTQ_GROUPS}
     side_bytes = len(compress(serialize(side), h.compressor)) if side else 0
-    ratio, factor_bytes, attempts, best = 1.0, 0.0, [], None
+    ratio, fixed_bytes, attempts, best = 1.0, 0.0, [], None
     gptq_seconds = compress_seconds = 0.0
     for attempt in range(BUDGET_ATTEMPTS):
-        clip_scale = search_clip_scale(lambda s: ratio * rtn_entropy_bytes(plans, s) + side_bytes + factor_bytes, BUDGET_AIM * target)
+        clip_scale = search_clip_scale(lambda s: ratio * rtn_entropy_bytes(plans, s) + side_bytes + fixed_bytes, BUDGET_AIM * target)
         t0 = time.perf_counter()
         quantized = quantize_state(state, roles, plans, clip_scale, h.gptq_block_size)
         corrected = lqer_correct(quantized, plans, h) if h.lqer_enabled else []
@@ -2219,9 +2219,11 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
             raise ArtifactBudgetError(
                 f"model needs {len(blob)} bytes > target {target} even at {CLIP_SCALE_RANGE[1]}x clip sigmas; "
                 f"lower MATRIX_BITS/EMBED_BITS or shrink the model")
-        # LQER's factors hardly change with the scale: an additive term (their ints' entropy + fp16 scales).
-        factor_bytes = sum(int_entropy_bytes(e["q"]) + 2 * e["scale"].numel() for n, e in quantized.items() if n not in state)
-        ratio = (len(blob) - side_bytes - factor_bytes) / rtn_entropy_bytes(plans, clip_scale)
+        # Bytes that hardly move with the scale, an additive term: LQER's factors (their ints' entropy + fp16
+        # scales) and AWQ-lite's per-row scales (its 8-bit codes are in the RTN entropy).
+        fixed_bytes = sum(int_entropy_bytes(e["q"]) + 2 * e["scale"].numel() for n, e in quantized.items() if n not in state) \
+            + sum(2 * e["awq_scale"].numel() for e in quantized.values() if "awq" in e)
+        ratio = (len(blob) - side_bytes - fixed_bytes) / rtn_entropy_bytes(plans, clip_scale)
     if best is None:
         raise ArtifactBudgetError(f"no attempt fit {target} bytes: {attempts}")
     clip_scale, blob, quantized, corrected = best
