@@ -2875,7 +2875,8 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
     log_timing(log, "training", training_seconds)
     log(f"stopped at step {step}: train_time:{training_seconds * 1000:.0f}ms")
     if h.asym_softcap_enabled:
-        log(f"softcap caps: positive {float(model.softcap_caps[0]):.3f} negative {float(model.softcap_caps[1]):.3f}")
+        caps = model.softcap_caps.detach().tolist()
+        log(f"softcap caps: positive {caps[0]:.3f} negative {caps[1]:.3f}")
     return loader, averager, training_seconds
 
 
