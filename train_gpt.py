@@ -935,9 +935,7 @@ class Attention(nn.Module):
         q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
         if lora is not None:  # TTT adapters read the normed block input x (as do O and the MLP's)
             q, k, v = lora.add("q", x, q), lora.add("k", x, k), lora.add("v", x, v)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # H, KV, KV heads
         q = apply_partial_rope(rms_norm(q), cos, sin) * self.q_gain.to(x.dtype)[None, None, :, None]
         k = apply_partial_rope(rms_norm(k), cos, sin)
         y = causal_attention(q, k, v, self.backend)
@@ -999,8 +997,7 @@ class Block(nn.Module):
         return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale.to(x.dtype), lora)
 
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, lane1: Tensor | None = None,
-                skip: Tensor | None = None, skip_weight: Tensor | None = None, skip_gate: Tensor | None = None,
-                lora: LoRATerms | None = None):
+                skip: Tensor | None = None, skip_weight: Tensor | None = None, skip_gate: Tensor | None = None, lora: LoRATerms | None = None):
         if skip is not None:
             # U-Net skip (enters lane0): s = w*skip; x = s + sigmoid(g)*(x - s). Done here, inside the
             # block's compiled region, so that it fuses instead of running as separate kernels.
@@ -1402,8 +1399,7 @@ class GPT(nn.Module):
         """Logits [B,T,V] without targets; else the fp32 cross-entropy ('mean', 'sum' or per-token 'none');
         with hint_ids (and 'none') the pair (nll, -log p(hint)) from the same logits (n-gram tilt);
         with lora (a DocumentLoRA, one document per row) the TTT adapters' terms are added on the way."""
-        return self.head(self.hidden(input_ids, lora), self.tok_emb.weight, target_ids, reduction, hint_ids,
-                         None if lora is None else lora.head)
+        return self.head(self.hidden(input_ids, lora), self.tok_emb.weight, target_ids, reduction, hint_ids, None if lora is None else lora.head)
 
     def parameter_roles(self) -> dict[str, Role]:
         """{state_dict name: Role} of every parameter, as declared where each was created."""
@@ -2720,8 +2716,7 @@ def lora_ttt_schedule(docs: Tensor, h: Hyperparameters, world_size: int) -> list
     static split, so which documents precede each phase never depends on timing."""
     ranked = docs[torch.sort(docs[:, 0] - docs[:, 1], stable=True).indices]
     phases = h.phased_ttt_num_phases if h.ttt_mode == "lora_phased" else 0
-    p = h.phased_ttt_prefix_docs
-    prefix = min(len(docs), round(p * len(docs)) if p < 1 else int(p))
+    prefix = min(len(docs), round(h.phased_ttt_prefix_docs * len(docs)) if h.phased_ttt_prefix_docs < 1 else int(h.phased_ttt_prefix_docs))
     bounds = [0] + [prefix * k // phases for k in range(1, phases + 1)] + [len(docs)]
     segments = []
     for a, b in zip(bounds, bounds[1:]):
@@ -2751,8 +2746,9 @@ def lora_ttt_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, docs:
         windows = torch.stack((starts + (end - h.ttt_window).clamp(min=0), starts + c * chunk, starts + end), dim=1)
         windows = torch.where((lengths > c * chunk)[:, None], windows, 0).to(tokens.device)
         nll, scored = score_batch(model, tokens, target_bytes, windows, seq_len, totals, tilt, lora)
-        trained = scored & (lengths > (c + 1) * chunk).to(tokens.device)[:, None]  # not a last chunk
-        if bool((lengths > (c + 1) * chunk).any()):
+        train = lengths > (c + 1) * chunk  # the documents of which this chunk is not the last
+        if bool(train.any()):
+            trained = scored & train.to(tokens.device)[:, None]
             (torch.where(trained, nll, 0.0).sum(1) / trained.sum(1).clamp(min=1)).sum().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -2769,17 +2765,13 @@ def global_sgd(model: nn.Module, tokens: Tensor, docs: Tensor, h: Hyperparameter
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=h.phased_ttt_lr, momentum=h.ttt_momentum)
     begins = range(0, stream.numel() - 1, h.ttt_chunk_tokens)
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        for c, begin in enumerate(begins):
-            lr = h.phased_ttt_lr * 0.5 * (1 + math.cos(math.pi * c / len(begins)))
-            end = min(begin + h.ttt_chunk_tokens, stream.numel() - 1)
-            train_on_chunk(model, params, optimizer, stream, begin, end, lr, h, runtime, h.phased_ttt_epochs, h.ttt_window)
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        for p in params:
-            p.requires_grad_(False)
+    model.requires_grad_(True)
+    for c, begin in enumerate(begins):
+        lr = h.phased_ttt_lr * 0.5 * (1 + math.cos(math.pi * c / len(begins)))
+        end = min(begin + h.ttt_chunk_tokens, stream.numel() - 1)
+        train_on_chunk(model, params, optimizer, stream, begin, end, lr, h, runtime, h.phased_ttt_epochs, h.ttt_window)
+    optimizer.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
 
 
 def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
@@ -2793,13 +2785,11 @@ def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h:
     tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
     tilt = ngram_tilt(tokens, h)
     docs = document_spans(val_tokens.cpu())
-    starts = docs[:, 0].contiguous()
     segments = lora_ttt_schedule(docs, h, runtime.world_size)
     num_layers = len(loop_schedule(h.num_layers, h.loop_start, h.loop_end, h.num_loops, True))
     totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
     scored = torch.zeros(len(docs), dtype=torch.int32, device=runtime.device)  # this rank's, per document
-    for p in model.parameters():
-        p.requires_grad_(False)  # only the adapters get gradients while scoring
+    model.requires_grad_(False)  # only the adapters get gradients while scoring
     try:
         with looping_enabled(model):
             for k, segment in enumerate(segments):
@@ -2807,7 +2797,7 @@ def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h:
                 lora = DocumentLoRA(h, num_layers, runtime.device, seed=h.seed + k)  # fresh after each phase
                 for batch in segment[runtime.rank]:
                     lora_ttt_batch(model, tokens, target_bytes, batch, lora, h, totals, tilt)
-                    scored[torch.searchsorted(starts, batch[batch[:, 1] > batch[:, 0], 0]).to(runtime.device)] += 1
+                    scored[torch.searchsorted(docs[:, 0].contiguous(), batch[batch[:, 1] > batch[:, 0], 0]).to(runtime.device)] += 1
                 del lora
                 done = runtime.comm.all_reduce_sum(scored.clone()).cpu() > 0  # the documents every rank has scored
                 t_sgd = time.perf_counter()
@@ -2818,8 +2808,7 @@ def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h:
                 log(f"{stage} phase:{k + 1}/{len(segments)} docs:{int(done.sum())}/{len(docs)} running_bpb:{running.bpb:.6f} "
                     f"scoring:{t_sgd - t_phase:.1f}s global_sgd:{time.perf_counter() - t_sgd:.1f}s elapsed:{time.perf_counter() - t0:.1f}s")
     finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        model.requires_grad_(True)
     runtime.comm.all_reduce_sum(totals)
     synchronize(runtime)
     seconds = time.perf_counter() - t0
