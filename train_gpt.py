@@ -1232,7 +1232,8 @@ class FusedLeakyReLUSquareMLP(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, w_up, w_down, pre = ctx.saved_tensors
         dpre, post = torch.ops.pgolf.mlp_act_grad(dy, w_down, pre)
-        return dpre @ w_up, dpre.t() @ x, dy.t() @ post
+        _, up, down = ctx.needs_input_grad  # frozen weights (LoRA TTT): the input's gradient alone
+        return dpre @ w_up, dpre.t() @ x if up else None, dy.t() @ post if down else None
 
 
 def fused_leaky_relu_square_mlp(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
