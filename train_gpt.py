@@ -2740,16 +2740,15 @@ def lora_ttt_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, docs:
     lora.reset()
     optimizer = torch.optim.AdamW(lora.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_lora_beta2), eps=1e-10,
                                   weight_decay=h.ttt_lora_wd, fused=tokens.is_cuda)
-    starts, lengths = docs[:, 0], docs[:, 1] - docs[:, 0]
     chunk, seq_lens = lora_chunks(docs, h)
+    starts, lengths = docs[:, 0].to(tokens.device), (docs[:, 1] - docs[:, 0]).to(tokens.device)  # no host sync below
     for c, seq_len in enumerate(seq_lens):
         end = lengths.clamp(max=(c + 1) * chunk)
         windows = torch.stack((starts + (end - h.ttt_window).clamp(min=0), starts + c * chunk, starts + end), dim=1)
-        windows = torch.where((lengths > c * chunk)[:, None], windows, 0).to(tokens.device)
+        windows = torch.where((lengths > c * chunk)[:, None], windows, 0)
         nll, scored = score_batch(model, tokens, target_bytes, windows, seq_len, totals, tilt, lora)
-        train = lengths > (c + 1) * chunk  # the documents of which this chunk is not the last
-        if bool(train.any()):
-            trained = scored & train.to(tokens.device)[:, None]
+        if c < len(seq_lens) - 1:  # some document goes on: train on the chunks that are not a document's last
+            trained = scored & (lengths > (c + 1) * chunk)[:, None]
             (torch.where(trained, nll, 0.0).sum(1) / trained.sum(1).clamp(min=1)).sum().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -2789,7 +2788,7 @@ def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h:
     segments = lora_ttt_schedule(docs, h, runtime.world_size)
     num_layers = len(loop_schedule(h.num_layers, h.loop_start, h.loop_end, h.num_loops, True))
     totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
-    scored = torch.zeros(len(docs), dtype=torch.int32, device=runtime.device)  # this rank's, per document
+    scored = torch.zeros(len(docs), dtype=torch.int32)  # by this rank, per document
     model.requires_grad_(False)  # only the adapters get gradients while scoring
     try:
         with looping_enabled(model):
@@ -2798,9 +2797,9 @@ def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h:
                 lora = DocumentLoRA(h, num_layers, runtime.device, seed=h.seed + k)  # fresh after each phase
                 for batch in segment[runtime.rank]:
                     lora_ttt_batch(model, tokens, target_bytes, batch, lora, h, totals, tilt)
-                    scored[torch.searchsorted(docs[:, 0].contiguous(), batch[batch[:, 1] > batch[:, 0], 0]).to(runtime.device)] += 1
+                    scored[torch.searchsorted(docs[:, 0].contiguous(), batch[batch[:, 1] > batch[:, 0], 0])] += 1
                 del lora
-                done = runtime.comm.all_reduce_sum(scored.clone()).cpu() > 0  # the documents every rank has scored
+                done = runtime.comm.all_reduce_sum(scored.to(runtime.device, copy=True)).cpu() > 0  # the documents every rank has scored
                 t_sgd = time.perf_counter()
                 if any(segment) and 0 < int(done.sum()) < len(docs):  # a phase boundary with new documents
                     global_sgd(model, tokens, docs[done], h, runtime)
