@@ -78,18 +78,17 @@ def main():
     grads = [p.grad.detach().clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     val_tokens = torch.randint(0, h.vocab_size, (2 * h.ttt_chunk_tokens + 1,), generator=g)
-    tables = tg.ByteTables(torch.randint(1, 5, (h.vocab_size,), dtype=torch.int16, generator=g),
-                           torch.rand(h.vocab_size, generator=g) < 0.5, torch.zeros(h.vocab_size, dtype=torch.bool))
+    target_bytes = torch.randint(0, 7, (val_tokens.numel() - 1,), dtype=torch.int32, generator=g)
     blob = os.urandom(16_000_000)
 
     def ttt(runtime):
         with sdpa_kernel(SDPBackend.MATH):
-            return tg.eval_ttt(copy.deepcopy(model), val_tokens, tables, h, runtime)
+            return tg.eval_ttt(copy.deepcopy(model), val_tokens, target_bytes, h, runtime)
 
     checks = {
         "optimizer_step": lambda rt: timed_step(model, grads, h, rt, sync)[:2],
         "hessians": lambda rt: tg.collect_hessians(model, [(x, y)], rt),
-        "eval_plain": lambda rt: tg.eval_plain(model, val_tokens, tables, h, rt),
+        "eval_plain": lambda rt: tg.eval_plain(model, val_tokens, target_bytes, h, rt),
         "eval_ttt": ttt,
         "broadcast": lambda rt: rt.comm.broadcast_object(blob if rt.is_main else None),
     }

@@ -230,3 +230,17 @@ def test_swa_is_the_uniform_mean_of_warmdown_snapshots(monkeypatch):
             snaps.append(model.skip_gates.detach().clone())
     avg.copy_to(model)
     assert torch.allclose(model.skip_gates, torch.stack(snaps).mean(0))
+
+
+def test_nccl_smoke_bench_runs_its_distributed_path_on_gloo():
+    """bench/nccl_smoke.py is what proves the NCCL path on the GPU box: keep it runnable (gloo here)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, **TINY_ENV, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                           str(root / "bench" / "nccl_smoke.py")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "nccl_smoke: PASS" in done.stdout and done.stdout.count(" PASS") == 6
