@@ -181,6 +181,7 @@ class Hyperparameters:
             self.train_log_every = env_int("TRAIN_LOG_EVERY", 50, "log a step line every N steps", min_value=1)
             self.enable_looping_at = env_float("ENABLE_LOOPING_AT", 0.35, "fraction of training after which recurrence is on", min_value=0, max_value=1)
             self.fused_kernels = env_str("FUSED_KERNELS", "auto", "Triton kernels for the MLP and the softcapped cross-entropy: auto (on CUDA when triton imports) or off", ("auto", "off"))
+            self.train_seq_len_schedule = env_str("TRAIN_SEQ_LEN_SCHEDULE", "", "growing attention span, e.g. 1024@0,2048@0.1: span L from that fraction of training on (documents cut into pieces of <= L; same tokens per step); empty = TRAIN_SEQ_LEN throughout")
             self.compile = env_str("COMPILE", "auto", "torch.compile: auto (regional on CUDA, off on CPU), regional, full, none", ("auto", "regional", "full", "none"))
 
         with config_section("model"):  # stored in the artifact
@@ -200,6 +201,13 @@ class Hyperparameters:
             self.loop_end = env_int("LOOP_END", 5, "last physical layer of the recurrent span (inclusive)", min_value=0)
             self.num_loops = env_int("NUM_LOOPS", 2, "extra passes over the recurrent span; 0 = no recurrence", min_value=0)
             self.parallel_start = env_int("PARALLEL_START", 8, "first physical layer with parallel residuals (>= NUM_LAYERS: none)", min_value=0)
+            self.gate_window = env_int("GATE_WINDOW", 12, "leading channels the SmearGate and sparse attention gate read", min_value=1)
+            self.smear_gate_enabled = env_bool("SMEAR_GATE_ENABLED", True, "SmearGate: each token's embedding mixes in the previous token's (never across a BOS)")
+            self.sparse_attn_gate_enabled = env_bool("SPARSE_ATTN_GATE_ENABLED", True, "per-head sigmoid gate on the attention output, from the input's first GATE_WINDOW channels")
+            self.sparse_attn_gate_scale = env_float("SPARSE_ATTN_GATE_SCALE", 0.5, "gate = sigmoid(scale * W_g x[:GATE_WINDOW])")
+            self.asym_softcap_enabled = env_bool("ASYM_SOFTCAP_ENABLED", True, "learned separate softcaps for positive and negative logits (both init LOGIT_SOFTCAP)")
+            self.loop_embeddings_enabled = env_bool("LOOP_EMBEDDINGS_ENABLED", True, "a learned vector per pass of the recurrent span, added to the stream entering it")
+            self.doc_masked_attention_enabled = env_bool("DOC_MASKED_ATTENTION_ENABLED", True, "no token attends across a BOS (document start)")
             self.parallel_mode = env_str("PARALLEL_MODE", "lanes", "parallel residual variant: lanes (two lanes, learned routing) or single (one stream)", ("lanes", "single"))
 
         with config_section("optimizer"):
@@ -287,6 +295,11 @@ class Hyperparameters:
             raise ConfigError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
         if self.max_wallclock_seconds and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise ConfigError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
+        for length, _ in self.seq_len_schedule:
+            if not 0 < length <= self.train_seq_len:
+                raise ConfigError(f"TRAIN_SEQ_LEN_SCHEDULE={self.train_seq_len_schedule!r}: lengths must lie in 1..TRAIN_SEQ_LEN={self.train_seq_len}")
+        if self.seq_len_schedule and not self.doc_masked_attention_enabled:
+            raise ConfigError("TRAIN_SEQ_LEN_SCHEDULE cuts documents into pieces through the attention mask: set DOC_MASKED_ATTENTION_ENABLED=1")
         if self.eval_only and self.requantize_from:
             raise ConfigError("EVAL_ONLY and REQUANTIZE_FROM are exclusive: set one")
         if not set(self.ttt_lora_targets.split(",")) <= set(LORA_PLACEMENTS):
@@ -299,6 +312,21 @@ class Hyperparameters:
         chunks = [self.ttt_chunk_size] + [c for _, c in self.short_chunks]
         if self.ttt_mode != "sgd" and not 1 <= min(chunks) <= max(chunks) <= self.ttt_window:
             raise ConfigError(f"TTT_CHUNK_SIZE={self.ttt_chunk_size} and TTT_SHORT_CHUNKS chunks must lie in 1..{self.ttt_window} (the TTT window)")
+
+    @property
+    def seq_len_schedule(self) -> list[tuple[int, float]]:
+        """TRAIN_SEQ_LEN_SCHEDULE as [(length, from fraction)], sorted by fraction."""
+        try:
+            stages = [(int(length), float(start)) for length, start in
+                      (item.split("@") for item in self.train_seq_len_schedule.replace(" ", "").split(",") if item)]
+        except ValueError:
+            raise ConfigError(f"TRAIN_SEQ_LEN_SCHEDULE={self.train_seq_len_schedule!r} is not like 1024@0,2048@0.1") from None
+        return sorted(stages, key=lambda stage: stage[1])
+
+    def attention_span_at(self, frac: float) -> int | None:
+        """Training attention span at this fraction of training: the last stage started, else None (no limit)."""
+        started = [length for length, start in self.seq_len_schedule if frac >= start]
+        return started[-1] if started and started[-1] < self.train_seq_len else None
 
     @property
     def head_dim(self) -> int:
@@ -789,13 +817,18 @@ def validation_target_bytes(dataset_dir: str, val_tokens: Tensor, tables: ByteTa
 # ==================================================================================================
 # Model
 # ==================================================================================================
-def select_attention_backend(device: torch.device, unavailable: list[str] | None = None) -> str:
+def select_attention_backend(device: torch.device, unavailable: list[str] | None = None, doc_masked: bool = False) -> str:
     """The first that works of: FA3 (flash_attn_interface); FA4 (pip install flash-attn-4) run as SDPA's
     flash backend through torch's flash-attention registry, which this activates; SDPA with the cuDNN
-    backend. SDPA's default on CPU. Why each skipped one is unusable is appended to `unavailable`."""
+    backend. With document masking on CUDA: FlexAttention with a block mask (as fast as cuDNN's causal
+    kernel, measured: docs/BENCHMARKS.md). SDPA's default on CPU (with an explicit mask when documents
+    are masked). Why each skipped one is unusable is appended to `unavailable`."""
     unavailable = [] if unavailable is None else unavailable
     if device.type != "cuda":
         return "sdpa"
+    if doc_masked:
+        unavailable.append("fa3/fa4/cudnn: document-masked attention runs on FlexAttention")
+        return "flex"
     try:
         import flash_attn_interface  # noqa: F401
         return "fa3"
@@ -811,8 +844,45 @@ def select_attention_backend(device: torch.device, unavailable: list[str] | None
     return "sdpa_cudnn"
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-    """Causal GQA attention. q [B,T,H,D], k/v [B,T,KV,D] -> [B,T,H,D]."""
+def document_segments(input_ids: Tensor, span: int | None) -> Tensor:
+    """Segment id per position [B,T]: the count of BOS up to it (its document), and with a span, also
+    its piece (position - document start) // span, so no piece is longer than the span."""
+    starts = input_ids == BOS_ID
+    segments = torch.cumsum(starts, dim=1)
+    if span is None:
+        return segments
+    positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+    doc_start = torch.cummax(torch.where(starts, positions, 0), dim=1).values
+    return segments * input_ids.size(1) + (positions - doc_start) // span
+
+
+def attention_mask(segments: Tensor, backend: str):
+    """What causal_attention takes to keep each query inside its segment: FlexAttention's block mask
+    (built once per forward, shared by every layer) or, for SDPA, the segment ids themselves."""
+    if backend != "flex":
+        return segments
+    from torch.nn.attention.flex_attention import create_block_mask
+    B, T = segments.shape
+
+    def same_segment_causal(b, h, q, kv):
+        return (q >= kv) & (segments[b, q] == segments[b, kv])
+    return create_block_mask(same_segment_causal, B, None, T, T, device=segments.device, _compile=True)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, mask=None) -> Tensor:
+    """Causal GQA attention. q [B,T,H,D], k/v [B,T,KV,D] -> [B,T,H,D]. With a mask (attention_mask) a
+    query also sees only keys of its own segment."""
+    if mask is not None:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if backend == "flex":
+            from torch.nn.attention.flex_attention import flex_attention
+            y = flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+        else:  # segment ids: the dense boolean mask (CPU, tests)
+            T = q.size(2)
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            allowed = (mask[:, None, :, None] == mask[:, None, None, :]) & causal
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.size(1) != k.size(1))
+        return y.transpose(1, 2)
     if backend == "fa3":
         import flash_attn_interface
         out = flash_attn_interface.flash_attn_func(q, k, v, causal=True)
@@ -929,8 +999,11 @@ class Attention(nn.Module):
         self.c_v = CastedLinear(h.model_dim, h.num_kv_heads * h.head_dim, "attn")
         self.proj = CastedLinear(h.num_heads * h.head_dim, h.model_dim, "attn", zero_init=True)
         declare(self, "q_gain", torch.full((h.num_heads,), h.qk_gain_init), SCALAR)
+        self.gate_scale = h.sparse_attn_gate_scale if h.sparse_attn_gate_enabled else None
+        if self.gate_scale is not None:  # zero init: every head starts at sigmoid(0) = 0.5
+            declare(self, "gate_w", torch.zeros(h.num_heads, h.gate_window), Role("scalar", "gate"))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, lora: LoRATerms | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask=None, lora: LoRATerms | None = None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
         if lora is not None:  # TTT adapters read the normed block input x (as do O and the MLP's)
@@ -938,9 +1011,12 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # H, KV, KV heads
         q = apply_partial_rope(rms_norm(q), cos, sin) * self.q_gain.to(x.dtype)[None, None, :, None]
         k = apply_partial_rope(rms_norm(k), cos, sin)
-        y = causal_attention(q, k, v, self.backend)
+        y = causal_attention(q, k, v, self.backend, mask)
         if self.use_xsa:
             y = remove_self_value(y, v)
+        if self.gate_scale is not None:  # sparse head gate: y_h *= sigmoid(scale * W_g[h] . x[:window])
+            gate = torch.sigmoid(self.gate_scale * F.linear(x[..., : self.gate_w.size(1)], self.gate_w.to(x.dtype)))
+            y = y * gate[..., None]
         out = self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
         return out if lora is None else lora.add("o", x, out)  # O: a bypass from x, not a term of y
 
@@ -990,14 +1066,14 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         return mix[0] * x + mix[1] * x0
 
-    def _attn(self, x: Tensor, cos: Tensor, sin: Tensor, lora: LoRATerms | None) -> Tensor:
-        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale.to(x.dtype), cos, sin, lora)
+    def _attn(self, x: Tensor, cos: Tensor, sin: Tensor, mask, lora: LoRATerms | None) -> Tensor:
+        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale.to(x.dtype), cos, sin, mask, lora)
 
     def _mlp(self, x: Tensor, lora: LoRATerms | None) -> Tensor:
         return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale.to(x.dtype), lora)
 
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, lane1: Tensor | None = None,
-                skip: Tensor | None = None, skip_weight: Tensor | None = None, skip_gate: Tensor | None = None, lora: LoRATerms | None = None):
+                skip: Tensor | None = None, skip_weight: Tensor | None = None, skip_gate: Tensor | None = None, mask=None, lora: LoRATerms | None = None):
         if skip is not None:
             # U-Net skip (enters lane0): s = w*skip; x = s + sigmoid(g)*(x - s). Done here, inside the
             # block's compiled region, so that it fuses instead of running as separate kernels.
@@ -1005,14 +1081,14 @@ class Block(nn.Module):
             x = s + torch.sigmoid(skip_gate).to(x.dtype) * (x - s)
         if self.mode == "sequential":
             x = self._mix(x, x0)
-            x = x + self._attn(x, cos, sin, lora)
+            x = x + self._attn(x, cos, sin, mask, lora)
             return x + self._mlp(x, lora)
         if self.mode == "single":
             u = self._mix(x, x0)
-            return u + self._attn(u, cos, sin, lora) + self._mlp(u, lora)
+            return u + self._attn(u, cos, sin, mask, lora) + self._mlp(u, lora)
         if lane1 is None:  # the first lanes layer splits the stream into two equal lanes
             lane1 = x
-        a = self._attn(self._mix(x, x0), cos, sin, lora)
+        a = self._attn(self._mix(x, x0), cos, sin, mask, lora)
         m = self._mlp(lane1, lora)
         r, wa, wm = (p.to(x.dtype) for p in (self.lane_resid, self.lane_attn, self.lane_mlp))
         return r[0] * x + wa[0] * a + wm[0] * m, r[1] * lane1 + wa[1] * a + wm[1] * m
@@ -1298,24 +1374,23 @@ softcap_ce.register_autograd(_softcap_ce_grad, setup_context=_softcap_ce_setup)
 
 class SoftcapHead(nn.Module):
     """Tied output head and loss: logits = softcap(h @ E^T) in fp32 (the matmul in the activations'
-    dtype); per-token cross-entropy if targets are given. A parameterless module (E and the caps are
-    passed in) so that it can be compiled on its own."""
+    dtype); per-token cross-entropy if targets are given. A parameterless module (E and the caps
+    (c+, c-) are passed in) so that it can be compiled on its own."""
 
-    def __init__(self, softcap: float, fused: bool = False) -> None:
+    def __init__(self, fused: bool = False) -> None:
         super().__init__()
-        self.softcap, self.fused = softcap, fused
+        self.fused = fused
 
-    def forward(self, hidden: Tensor, embedding: Tensor, target_ids: Tensor | None, reduction: str,
+    def forward(self, hidden: Tensor, embedding: Tensor, caps: Tensor, target_ids: Tensor | None, reduction: str,
                 hint_ids: Tensor | None = None, lora: LoRATerms | None = None) -> Tensor | tuple[Tensor, Tensor]:
         z = F.linear(hidden, embedding.to(hidden.dtype))
         if lora is not None:  # the TTT head adapter adds to the logits before the softcap
             z = lora.add("head", hidden, z)
-        cap = torch.tensor(self.softcap, device=z.device)
         if target_ids is None:
-            return softcap(z, cap, cap)
+            return softcap(z, caps[0], caps[1])
         if hint_ids is not None and reduction != "none":
             raise ValueError(f"hint_ids need reduction='none' (got {reduction!r}): the hint nll is per token")
-        nll, hint_nll = softcap_cross_entropy(z.flatten(0, 1), target_ids.flatten(), cap, cap,
+        nll, hint_nll = softcap_cross_entropy(z.flatten(0, 1), target_ids.flatten(), caps[0], caps[1],
                                               None if hint_ids is None else hint_ids.flatten(), fused=self.fused)
         if reduction == "none":
             return nll.view_as(target_ids) if hint_ids is None else (nll.view_as(target_ids), hint_nll.view_as(hint_ids))
@@ -1356,10 +1431,21 @@ class GPT(nn.Module):
         self.tok_emb.roles = {"weight": Role("embed", "embed", "head")}  # tied: its GPTQ Hessian is the head's input
         self.blocks = nn.ModuleList(Block(h, layer, backend) for layer in range(h.num_layers))
         self.final_norm = RMSNorm()
-        self.head = SoftcapHead(h.logit_softcap, fused=fused_kernels_enabled(h))
+        self.head = SoftcapHead(fused=fused_kernels_enabled(h))
         num_skips = max(len(self.virtual_order(looping)) // 2 for looping in (False, True))
         declare(self, "skip_weights", torch.ones(num_skips, h.model_dim), SCALAR)
         declare(self, "skip_gates", torch.zeros(num_skips, h.model_dim), SCALAR)
+        caps = torch.full((2,), h.logit_softcap)  # (c+, c-): learned when asymmetric, a constant otherwise
+        if h.asym_softcap_enabled:
+            declare(self, "softcap_caps", caps, SCALAR)
+        else:
+            self.register_buffer("softcap_caps", caps, persistent=False)
+        if h.smear_gate_enabled:  # lambda = 0 at init: the identity
+            declare(self, "smear_w", torch.zeros(h.gate_window), SCALAR)
+            declare(self, "smear_lambda", torch.zeros(()), SCALAR)
+        if h.loop_embeddings_enabled and h.num_loops:
+            declare(self, "loop_embeddings", torch.zeros(h.num_loops + 1, h.model_dim), SCALAR)
+        self.attention_span: int | None = None  # TRAIN_SEQ_LEN_SCHEDULE's current span (training only)
         cos, sin = rotary_tables(max(h.train_seq_len, h.eval_seq_len, h.ttt_window), h.rope_dims, h.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -1370,25 +1456,40 @@ class GPT(nn.Module):
         looping = self.looping if looping is None else looping
         return loop_schedule(h.num_layers, h.loop_start, h.loop_end, h.num_loops, looping)
 
+    def smear(self, e: Tensor, input_ids: Tensor) -> Tensor:
+        """SmearGate: e_t += lambda * sigmoid(w . e_t[:window]) * e_{t-1}, nothing at t = 0 and nothing
+        where token t is BOS, so a document never takes from the one before it."""
+        gate = self.smear_lambda * torch.sigmoid(e[..., : self.smear_w.numel()] @ self.smear_w)
+        previous = F.pad(e[:, :-1], (0, 0, 1, 0))
+        return e + (gate * (input_ids != BOS_ID))[..., None] * previous
+
     def hidden(self, input_ids: Tensor, lora: DocumentLoRA | None = None) -> Tensor:
         """Final normalised hidden states [B,T,d] (the tied head's input); lora: TTT adapters per virtual layer."""
-        x = rms_norm(self.tok_emb(input_ids)).to(self.compute_dtype)
+        e = self.tok_emb(input_ids)
+        x = rms_norm(self.smear(e, input_ids) if self.h.smear_gate_enabled else e).to(self.compute_dtype)
         x0, lane1 = x, None
         cos, sin = self.rope_cos, self.rope_sin
+        mask = None
+        if self.h.doc_masked_attention_enabled:
+            mask = attention_mask(document_segments(input_ids, self.attention_span), self.blocks[0].attn.backend)
         order = self.virtual_order()
         num_encoder = len(order) // 2
         skips: list[Tensor] = []
+        passes = 0
         for i, layer in enumerate(order):
             block = self.blocks[layer]
+            if layer == self.h.loop_start and hasattr(self, "loop_embeddings"):  # entering pass `passes` of the span
+                x = x + self.loop_embeddings[passes].to(x.dtype)
+                passes += 1
             skip = {}
             if i >= num_encoder and skips:  # U-Net skips are popped LIFO by the second half
                 j = i - num_encoder
                 skip = dict(skip=skips.pop(), skip_weight=self.skip_weights[j], skip_gate=self.skip_gates[j])
             terms = None if lora is None else lora.layers[i]  # one adapter set per virtual layer, not per physical one
             if block.mode == "lanes":
-                x, lane1 = block(x, x0, cos, sin, lane1, lora=terms, **skip)
+                x, lane1 = block(x, x0, cos, sin, lane1, **skip, mask=mask, lora=terms)
             else:
-                x = block(x, x0, cos, sin, lora=terms, **skip)
+                x = block(x, x0, cos, sin, **skip, mask=mask, lora=terms)
             if i < num_encoder:
                 skips.append(x)
         if lane1 is not None:
@@ -1400,7 +1501,8 @@ class GPT(nn.Module):
         """Logits [B,T,V] without targets; else the fp32 cross-entropy ('mean', 'sum' or per-token 'none');
         with hint_ids (and 'none') the pair (nll, -log p(hint)) from the same logits (n-gram tilt);
         with lora (a DocumentLoRA, one document per row) the TTT adapters' terms are added on the way."""
-        return self.head(self.hidden(input_ids, lora), self.tok_emb.weight, target_ids, reduction, hint_ids, None if lora is None else lora.head)
+        return self.head(self.hidden(input_ids, lora), self.tok_emb.weight, self.softcap_caps, target_ids, reduction, hint_ids,
+                         None if lora is None else lora.head)
 
     def parameter_roles(self) -> dict[str, Role]:
         """{state_dict name: Role} of every parameter, as declared where each was created."""
@@ -2954,6 +3056,10 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
         if h.num_loops and not model.looping and frac >= h.enable_looping_at:
             model.looping = True
             log(f"looping:on step:{step} train_time:{elapsed * 1000:.0f}ms order:{model.virtual_order()}")
+        span = h.attention_span_at(frac)
+        if span != model.attention_span:
+            model.attention_span = span
+            log(f"attention_span:{span or h.train_seq_len} step:{step} train_time:{elapsed * 1000:.0f}ms")
         lr_mult = lr_multiplier(frac, h.warmdown_frac, h.min_lr)
         loss = train_step(model, optimizers, loader, grad_accum_steps, lr_mult, muon_momentum_at(step, h))
         step += 1
@@ -2975,7 +3081,8 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
             log(f"step:{step}/{h.iterations} train_loss:{mean_loss:.4f} train_time:{elapsed * 1000:.0f}ms "
                 f"step_avg:{elapsed * 1000 / step:.2f}ms tok/s:{tokens_per_s:.0f}")
             log.metrics(event="step", step=step, train_loss=mean_loss, train_time_ms=elapsed * 1000,
-                        step_avg_ms=elapsed * 1000 / step, tok_s=tokens_per_s, lr_mult=lr_mult, looping=model.looping)
+                        step_avg_ms=elapsed * 1000 / step, tok_s=tokens_per_s, lr_mult=lr_mult, looping=model.looping,
+                        attention_span=model.attention_span or h.train_seq_len)
         if h.val_loss_every and step % h.val_loss_every == 0 and not last:
             training_seconds = elapsed  # the clock pauses during validation
             log_eval(log, eval_plain(model, val_tokens, val_target_bytes, h, runtime, stage=f"step{step}"))
@@ -2985,8 +3092,12 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
         if last:
             training_seconds = elapsed
             break
+    model.attention_span = None  # evaluation and calibration see whole documents
     log_timing(log, "training", training_seconds)
     log(f"stopped at step {step}: train_time:{training_seconds * 1000:.0f}ms")
+    if h.asym_softcap_enabled:
+        caps = model.softcap_caps.detach().tolist()
+        log(f"softcap caps: positive {caps[0]:.3f} negative {caps[1]:.3f}")
     return loader, averager, training_seconds
 
 
@@ -3109,7 +3220,7 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     for name, value in h.as_dict().items():
         log(f"  {name}={value}")
     unavailable: list[str] = []
-    backend = select_attention_backend(runtime.device, unavailable)
+    backend = select_attention_backend(runtime.device, unavailable, h.doc_masked_attention_enabled)
     log(f"attention_backend:{backend} kernels:{kernel_path(h, runtime.device)}"
         + "".join(f"\n  attention {reason}" for reason in unavailable))
 

@@ -74,7 +74,7 @@ def main():
     runtime = tg.setup_distributed(h.dist_timeout_seconds)
     num_tokens = int(os.environ.get("BENCH_VAL_TOKENS", "2000001"))
     stages = os.environ.get("BENCH_STAGES", "plain,sliding,sgd,lora,lora_phased").split(",")
-    backend = tg.select_attention_backend(runtime.device)
+    backend = tg.select_attention_backend(runtime.device, doc_masked=h.doc_masked_attention_enabled)
     model = tg.build_model(h, runtime, backend)
     if os.environ.get("BENCH_STATE"):
         model.load_state_dict(torch.load(os.environ["BENCH_STATE"], map_location=runtime.device))

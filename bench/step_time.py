@@ -87,7 +87,7 @@ def main():
     runtime = tg.setup_distributed(h.dist_timeout_seconds)
     steps = int(os.environ.get("BENCH_STEPS", "10"))
     warmup = int(os.environ.get("BENCH_WARMUP", "3"))
-    backend = tg.select_attention_backend(runtime.device)
+    backend = tg.select_attention_backend(runtime.device, doc_masked=h.doc_masked_attention_enabled)
     model = tg.build_model(h, runtime, backend)
     micro, accum = tg.batch_layout(h, runtime)
     opt = tg.Optimizers(model, h, runtime)

@@ -634,3 +634,12 @@ def test_run_sh_docs_settings_errors(shell_copy, env, message):
         env = {}
     result = prepare_data(shell_copy, DOCS="docs.jsonl", **env)
     assert (result.returncode, result.stderr) == (1, f"run.sh: error: {message}\n")
+
+
+def test_every_knob_is_the_attribute_of_its_lower_case_name():
+    """The artifact config and --help read knobs by name: NAME must be Hyperparameters().name.lower()."""
+    import train_gpt as tg
+
+    h = tg.Hyperparameters()
+    missing = [name for name in tg.CONFIG_REGISTRY if not hasattr(h, name.lower())]
+    assert not missing

@@ -199,6 +199,9 @@ def test_softcap_cross_entropy_matches_log_softmax_of_capped_logits():
 EXPECTED_ROLES = {
     "tok_emb.weight": ("embed", "embed", "head"),
     "skip_weights": ("scalar", "fp16", ""), "skip_gates": ("scalar", "fp16", ""),
+    "softcap_caps": ("scalar", "fp16", ""), "smear_w": ("scalar", "fp16", ""), "smear_lambda": ("scalar", "fp16", ""),
+    "loop_embeddings": ("scalar", "fp16", ""),
+    **{f"blocks.{i}.attn.gate_w": ("scalar", "gate", "") for i in range(11)},  # int8 per row in the artifact
     **{f"blocks.{i}.{name}": ("muon", "attn", "input") for i in range(11) for name in
        ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight")},
     **{f"blocks.{i}.{name}": ("muon", "mlp", "input") for i in range(11) for name in ("mlp.up.weight", "mlp.down.weight")},
@@ -225,7 +228,7 @@ def test_no_vector_like_tensor_is_trained_by_muon(monkeypatch, default_model, ov
     """Muon orthogonalises matrices; a tensor with a dimension < 16 (a 2 x d mix, a gate) must go to AdamW."""
     for model in (tg.GPT(tiny_hparams(monkeypatch, **overrides)), default_model):
         for name, p in model.named_parameters():
-            if min(p.shape) < 16:
+            if p.ndim < 2 or min(p.shape) < 16:
                 assert model.parameter_roles()[name].optimizer != "muon", name
 
 
@@ -234,3 +237,148 @@ def test_a_parameter_without_a_role_is_refused(monkeypatch):
     model.blocks[0].extra = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(TypeError, match="blocks.0.extra has no declared Role"):
         model.parameter_roles()
+
+
+# ---- The frontier model (issue 12) ---------------------------------------------------------------------
+
+
+def perturbed_model(h, seed=0, scale=0.05):
+    """A tiny model whose zero-initialised parameters (projections, gates) are moved off zero."""
+    torch.manual_seed(seed)
+    model = tg.GPT(h)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def same_weights(model, h):
+    """A model built from h with model's weights wherever the names agree (features off: fewer params)."""
+    other = tg.GPT(h)
+    state = model.state_dict()
+    other.load_state_dict({k: v for k, v in state.items() if k in other.state_dict()}, strict=False)
+    return other
+
+
+def test_smear_gate_is_the_identity_at_init_and_never_crosses_a_bos(monkeypatch):
+    h = tiny_hparams(monkeypatch)
+    model = tg.GPT(h)
+    e = torch.randn(2, 12, h.model_dim)
+    ids = torch.randint(4, h.vocab_size, (2, 12))
+    assert torch.equal(model.smear(e, ids), e)  # lambda = 0 at init
+    with torch.no_grad():
+        model.smear_lambda.fill_(0.7)
+        model.smear_w.normal_()
+    ids[:, 6] = tg.BOS_ID
+    out = model.smear(e, ids)
+    # Written from the formula: e_t + lambda*sigmoid(w.e_t[:window])*e_{t-1}, except t=0 and BOS.
+    gate = 0.7 * torch.sigmoid(e[..., : h.gate_window] @ model.smear_w)
+    expected = e.clone()
+    expected[:, 1:] += gate[:, 1:, None] * e[:, :-1]
+    expected[:, 6] = e[:, 6]
+    assert torch.allclose(out, expected, atol=1e-6)
+    # Perturbing the token before the BOS leaves the BOS position unchanged (and does change position 5).
+    e2 = e.clone()
+    e2[:, 5] += 1.0
+    out2 = model.smear(e2, ids)
+    assert torch.equal(out2[:, 6], out[:, 6]) and not torch.allclose(out2[:, 5], out[:, 5])
+
+
+def test_a_documents_logits_do_not_depend_on_what_precedes_it(monkeypatch):
+    """Document masking (and the SmearGate's BOS rule): a document's logits are the same whether or
+    not another document precedes it in the window."""
+    h = tiny_hparams(monkeypatch, TRAIN_SEQ_LEN=48, EVAL_SEQ_LEN=48)
+    model = perturbed_model(h)
+    model.looping = True
+    g = torch.Generator().manual_seed(1)
+    first, second = torch.randint(4, h.vocab_size, (20,), generator=g), torch.randint(4, h.vocab_size, (15,), generator=g)
+    bos = torch.tensor([tg.BOS_ID])
+    packed = torch.cat((bos, first, bos, second))[None]
+    alone = torch.cat((bos, second))[None]
+    with torch.no_grad():
+        assert torch.allclose(model(packed)[0, 21:], model(alone)[0], atol=1e-5)
+        model.h.doc_masked_attention_enabled = False  # without the mask the earlier document leaks in
+        assert not torch.allclose(model(packed)[0, 21:], model(alone)[0], atol=1e-3)
+
+
+def test_document_segments_cut_pieces_no_longer_than_the_span():
+    ids = torch.tensor([[5, 6, tg.BOS_ID, 7, 8, 9, 10, 11, tg.BOS_ID, 12, 13, 14]])
+    assert tg.document_segments(ids, None).tolist() == [[0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2]]
+    segments = tg.document_segments(ids, 2)[0].tolist()
+    # Pieces of at most 2 tokens, counted from each document's start, never spanning two documents.
+    pieces = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+    for piece in pieces:
+        assert len({segments[i] for i in piece}) == 1
+    assert len(set(segments)) == len(pieces)
+    # The masked attention uses exactly these segments: a query never sees a key of another segment.
+    q = torch.randn(1, 12, 2, 4)
+    k, v = torch.randn(1, 12, 1, 4), torch.randn(1, 12, 1, 4)
+    out = tg.causal_attention(q, k, v, "sdpa", tg.document_segments(ids, 2))
+    v2 = v.clone()
+    v2[0, 2] += 10.0  # a value in the piece [2, 3]: only queries of that piece may see it
+    out2 = tg.causal_attention(q, k, v2, "sdpa", tg.document_segments(ids, 2))
+    changed = (out2 - out).abs().amax(dim=(0, 2, 3)) > 1e-6
+    assert changed.tolist() == [i in (2, 3) for i in range(12)]
+
+
+def test_sparse_attention_gate_is_one_half_at_init_and_a_zeroed_gate_silences_its_head(monkeypatch):
+    h = tiny_hparams(monkeypatch)
+    torch.manual_seed(0)
+    attn = tg.Attention(h, use_xsa=True, backend="sdpa")
+    with torch.no_grad():
+        attn.proj.weight.copy_(torch.eye(h.model_dim))  # expose the per-head outputs
+    x = torch.randn(2, 10, h.model_dim)
+    x[..., : h.gate_window] = x[..., : h.gate_window].abs() + 0.1  # the gate's input channels are positive
+    cos, sin = tg.rotary_tables(10, h.rope_dims, h.rope_base)
+    gated = attn(x, cos, sin)
+    scale, attn.gate_scale = attn.gate_scale, None
+    ungated = attn(x, cos, sin)
+    assert torch.allclose(gated, 0.5 * ungated, atol=1e-6)  # sigmoid(0) at init
+    attn.gate_scale = scale
+    with torch.no_grad():
+        attn.gate_w[1] = -1e4  # head 1's gate: sigmoid(-huge) = 0
+    out = attn(x, cos, sin).view(2, 10, h.num_heads, h.head_dim)
+    assert out[:, :, 1].abs().max() == 0
+    assert torch.allclose(out[:, :, 0], 0.5 * ungated.view_as(out)[:, :, 0], atol=1e-6)
+
+
+def test_asymmetric_softcap_equals_the_symmetric_one_with_equal_caps_and_trains_both(monkeypatch):
+    h_sym = tiny_hparams(monkeypatch, ASYM_SOFTCAP_ENABLED=0)
+    h_asym = tiny_hparams(monkeypatch, ASYM_SOFTCAP_ENABLED=1)
+    model = perturbed_model(h_asym)
+    with torch.no_grad():
+        model.softcap_caps.fill_(h_asym.logit_softcap)
+    sym = same_weights(model, h_sym)
+    x = torch.randint(0, h_asym.vocab_size, (2, 16))
+    y = torch.randint(0, h_asym.vocab_size, (2, 16))
+    assert torch.allclose(model(x, y), sym(x, y), atol=1e-6)
+    model(x, y).backward()
+    assert (model.softcap_caps.grad.abs() > 0).all()  # both caps are in the graph of the training loss
+    assert "softcap_caps" not in dict(sym.named_parameters())  # a constant when the feature is off
+
+
+def test_loop_embeddings_are_the_identity_at_init_and_enter_each_pass(monkeypatch):
+    h_on, h_off = tiny_hparams(monkeypatch, LOOP_EMBEDDINGS_ENABLED=1), tiny_hparams(monkeypatch, LOOP_EMBEDDINGS_ENABLED=0)
+    model = perturbed_model(h_on)
+    with torch.no_grad():
+        model.loop_embeddings.zero_()
+    x = torch.randint(0, h_on.vocab_size, (2, 16))
+    plain = same_weights(model, h_off)
+    for looping in (False, True):
+        model.looping = plain.looping = looping
+        assert torch.equal(model(x, x), plain(x, x))
+    with torch.no_grad():
+        model.loop_embeddings[1].normal_()  # the second pass's vector: only runs with looping on
+    model.looping = plain.looping = False
+    assert torch.equal(model(x, x), plain(x, x))
+    model.looping = plain.looping = True
+    assert not torch.equal(model(x, x), plain(x, x))
+
+
+def test_training_span_follows_its_schedule(monkeypatch):
+    h = tiny_hparams(monkeypatch, TRAIN_SEQ_LEN_SCHEDULE="8@0,16@0.25,32@0.75")
+    assert [h.attention_span_at(f) for f in (0.0, 0.2, 0.25, 0.7, 0.75, 1.0)] == [8, 8, 16, 16, None, None]
+    with pytest.raises(tg.ConfigError, match="TRAIN_SEQ_LEN_SCHEDULE"):
+        tiny_hparams(monkeypatch, TRAIN_SEQ_LEN_SCHEDULE="64@0")  # longer than TRAIN_SEQ_LEN
+    with pytest.raises(tg.ConfigError, match="DOC_MASKED_ATTENTION_ENABLED=1"):
+        tiny_hparams(monkeypatch, TRAIN_SEQ_LEN_SCHEDULE="8@0", DOC_MASKED_ATTENTION_ENABLED=0)

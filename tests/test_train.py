@@ -165,15 +165,22 @@ def test_without_a_time_limit_the_schedule_follows_the_step_count(monkeypatch, t
     """MAX_WALLCLOCK_SECONDS=0 (step-matched A/B runs): warmdown and looping still happen, at step/ITERATIONS."""
     h, runtime, model, opt, loader, accum = _setup(monkeypatch, tmp_path, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=40,
                                                     WARMUP_STEPS=0, TRAIN_LOG_EVERY=1, LOG_DIR=str(tmp_path / "logs"),
-                                                    ENABLE_LOOPING_AT=0.35, WARMDOWN_FRAC=0.85, MIN_LR=0.1)
+                                                    ENABLE_LOOPING_AT=0.35, WARMDOWN_FRAC=0.85, MIN_LR=0.1,
+                                                    TRAIN_SEQ_LEN_SCHEDULE="8@0,16@0.1,32@0.5")
     loader.close()
+    shapes = []
+    real_forward = model.forward
+    model.forward = lambda x, *a, **k: shapes.append(tuple(x.shape)) or real_forward(x, *a, **k)
     tg.train(model, h, runtime, tg.Logger(runtime, h.log_dir, "run"), val_tokens=None, val_target_bytes=None)
     steps, _ = _steps_and_budget(h.log_dir)
     assert len(steps) == 40
     for i, s in enumerate(steps):  # step i+1 is scheduled with the fraction i/40
         assert s["lr_mult"] == pytest.approx(1.0 if i / 40 < 0.15 else 0.1 + 0.9 * (1 - i / 40) / 0.85)
         assert s["looping"] == (i / 40 >= 0.35)
+        assert s["attention_span"] == (8 if i / 40 < 0.1 else 16 if i / 40 < 0.5 else 32)
     assert steps[-1]["lr_mult"] < 0.2
+    # The span changes the attention mask only: every step reads the same tokens in the same shapes.
+    assert len(set(shapes)) == 1 and model.attention_span is None
 
 
 @pytest.mark.parametrize("drift, expected", [(0.0, "ema"), (5.0, "raw")])
