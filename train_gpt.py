@@ -309,8 +309,7 @@ class Hyperparameters:
         except ValueError:
             raise ConfigError(f"TTT_SHORT_CHUNKS={self.ttt_short_chunks!r} must be max_len:chunk pairs, e.g. 256:8,2000:24") from None
         self.ttt_window = self.ttt_eval_seq_len or self.eval_seq_len
-        chunks = [self.ttt_chunk_size] + [c for _, c in self.short_chunks]
-        if self.ttt_mode != "sgd" and not 1 <= min(chunks) <= max(chunks) <= self.ttt_window:
+        if self.ttt_mode != "sgd" and not all(1 <= c <= self.ttt_window for _, c in [(0, self.ttt_chunk_size)] + self.short_chunks):
             raise ConfigError(f"TTT_CHUNK_SIZE={self.ttt_chunk_size} and TTT_SHORT_CHUNKS chunks must lie in 1..{self.ttt_window} (the TTT window)")
 
     @property
@@ -2787,9 +2786,8 @@ class DocumentLoRA:
 
     @torch.no_grad()
     def reset(self) -> None:
-        for terms in (*self.layers, self.head):
-            for _, b in terms.factors.values():
-                b.zero_()
+        for b in self.parameters()[1::2]:  # the parameters are (A, B) pairs
+            b.zero_()
 
 
 def document_spans(tokens: Tensor) -> Tensor:
@@ -2914,9 +2912,8 @@ def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h:
     runtime.comm.all_reduce_sum(totals)
     synchronize(runtime)
     seconds = time.perf_counter() - t0
-    log(f"{stage} projection (not a measurement): {seconds * CHALLENGE_VAL_TOKENS / tokens.numel() * runtime.world_size / 8:.0f}s "
-        f"for {CHALLENGE_VAL_TOKENS:,} validation tokens on 8 GPUs, scaled linearly from {tokens.numel():,} tokens "
-        f"in {seconds:.1f}s on {runtime.world_size} {runtime.device.type} process(es), compile included")
+    log(f"{stage} projection (not a measurement): {seconds * CHALLENGE_VAL_TOKENS / tokens.numel() * runtime.world_size / 8:.0f}s for "
+        f"{CHALLENGE_VAL_TOKENS:,} tokens on 8 GPUs, linear from {tokens.numel():,} tokens in {seconds:.1f}s on {runtime.world_size} {runtime.device.type} process(es), compile included")
     return eval_result(stage, totals, seconds, tilt is not None)
 
 

@@ -56,6 +56,12 @@ def test_documents_partition_the_targets(lengths):
 
 
 def test_chunk_size_and_window_lengths(monkeypatch):
+    bad_configs = (dict(TTT_SHORT_CHUNKS="45"), dict(TTT_SHORT_CHUNKS="20:0"), dict(TTT_SHORT_CHUNKS="20:33"),
+                   dict(TTT_LORA_TARGETS="q,x"), dict(TTT_CHUNK_SIZE=33))  # the window is 32
+    for bad in bad_configs:
+        with monkeypatch.context() as m, pytest.raises(tg.ConfigError):
+            lora_hparams(m, **bad)
+    assert lora_hparams(monkeypatch, TTT_CHUNK_SIZE=33, TTT_MODE="sgd").ttt_chunk_size == 33  # sgd does not read it
     h = lora_hparams(monkeypatch, EVAL_SEQ_LEN=128, TTT_EVAL_SEQ_LEN=200, TTT_SHORT_CHUNKS="45:3,20:2")
     for longest, chunk in ((17, 2), (20, 2), (21, 3), (45, 3), (46, 5)):
         assert tg.lora_chunks(torch.tensor([[0, longest], [0, 0]]), h)[0] == chunk
@@ -64,9 +70,6 @@ def test_chunk_size_and_window_lengths(monkeypatch):
     assert chunk == 5 and len(lengths) == 92
     assert lengths == [min(200, max(64, 1 << (min(5 * (c + 1), 200) - 1).bit_length())) for c in range(92)]
     assert sorted(set(lengths)) == [64, 128, 200]
-    for bad in (dict(TTT_SHORT_CHUNKS="45"), dict(TTT_LORA_TARGETS="q,x"), dict(TTT_CHUNK_SIZE=33)):
-        with pytest.raises(tg.ConfigError):
-            lora_hparams(monkeypatch, **bad)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
