@@ -277,6 +277,42 @@ def test_short_chunks_and_long_windows_use_few_static_shapes(monkeypatch):
     assert recorder.shapes == {(3, 64), (3, 128)}
 
 
+def test_compiled_blocks_do_not_recompile_per_slot_or_batch(monkeypatch):
+    """torch.compile (regional, as compile_model) with a counting backend that runs the graphs eagerly:
+    adapters add no graph variant (one forward compiles as many graphs with the 6 slots' adapters as
+    without), and a second run over the same documents compiles nothing new (new adapters per batch
+    and phase, same window lengths)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+    h = lora_hparams(monkeypatch, EVAL_SEQ_LEN=128, TTT_CHUNK_SIZE=16, TTT_MODE="lora_phased")
+    tokens, _ = doc_stream((150, 40, 20, 90, 70), h.vocab_size)
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 128)
+
+    def compiled_model() -> tuple[tg.GPT, CompileCounter]:
+        torch._dynamo.reset()
+        model, counter = make_model(h), CompileCounter()
+        for module in (*model.blocks, model.head):
+            module.compile(backend=counter, dynamic=False)
+        return model, counter
+
+    try:
+        x, y = tokens[None, :64].expand(3, 64), tokens[None, 1:65].expand(3, 64)
+        frames = []
+        for lora in (None, tg.DocumentLoRA(h, num_virtual_layers(h), CPU_DEVICE, seed=0)):
+            model, counter = compiled_model()
+            with torch.no_grad(), tg.looping_enabled(model):
+                model(x, y, reduction="none", lora=lora)
+            frames.append(counter.frame_count)
+        assert frames[0] == frames[1] > 0
+        model, counter = compiled_model()
+        tg.eval_lora_ttt(model, tokens, make_target_bytes(tokens), h, CPU)
+        compiled = counter.frame_count
+        tg.eval_lora_ttt(model, tokens, make_target_bytes(tokens), h, CPU)
+        assert 0 < compiled == counter.frame_count
+    finally:
+        torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------ two gloo processes
 
 def lora_evals(runtime: tg.Runtime, state_path: str, seen: torch.Tensor) -> list:
