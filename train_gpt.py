@@ -2885,7 +2885,7 @@ def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h:
     tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
     tilt = ngram_tilt(tokens, h)
     docs = document_spans(val_tokens.cpu())
-    segments = lora_ttt_schedule(docs, h, runtime.world_size)
+    segments = [s for s in lora_ttt_schedule(docs, h, runtime.world_size) if any(s)]  # an empty phase does nothing
     num_layers = len(loop_schedule(h.num_layers, h.loop_start, h.loop_end, h.num_loops, True))
     totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
     scored = torch.zeros(len(docs), dtype=torch.int32)  # by this rank, per document
@@ -2901,7 +2901,7 @@ def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h:
                 del lora
                 done = runtime.comm.all_reduce_sum(scored.to(runtime.device, copy=True)).cpu() > 0  # the documents every rank has scored
                 t_sgd = time.perf_counter()
-                if any(segment) and 0 < int(done.sum()) < len(docs):  # a phase boundary with new documents
+                if int(done.sum()) < len(docs):  # a phase boundary: global SGD on all documents scored so far
                     global_sgd(model, tokens, docs[done], h, runtime)
                 running = eval_result(stage, runtime.comm.all_reduce_sum(totals.clone()), 0.0)
                 synchronize(runtime)

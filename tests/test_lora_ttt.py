@@ -257,9 +257,9 @@ def check_recorded_run(result, recorder, tokens, spans, mode: str) -> None:
     assert set(recorder.seen[1].nonzero().flatten().tolist()) == {i for i, n in expected_sgd.items() if n}
 
 
-@pytest.mark.parametrize("mode", ["lora", "lora_phased"])
-def test_every_target_scored_once_before_any_update_sees_it(monkeypatch, mode):
-    h = lora_hparams(monkeypatch, TTT_MODE=mode)
+@pytest.mark.parametrize("mode,env", [("lora", {}), ("lora_phased", {}), ("lora", dict(TTT_MODE="lora_phased", PHASED_TTT_PREFIX_DOCS=0.01))])
+def test_every_target_scored_once_before_any_update_sees_it(monkeypatch, mode, env):
+    h = lora_hparams(monkeypatch, **{"TTT_MODE": mode, **env})  # the last: a prefix of 0 documents, phases without SGD
     tokens, spans = doc_stream(DOC_LENGTHS, None)
     recorder = LoRARecorder(tokens.numel() + 1)
     result = tg.eval_lora_ttt(recorder, tokens, make_target_bytes(tokens), h, CPU)
