@@ -1462,10 +1462,14 @@ class GPT(nn.Module):
         previous = F.pad(e[:, :-1], (0, 0, 1, 0))
         return e + (gate * (input_ids != BOS_ID))[..., None] * previous
 
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """The stream entering the first block: RMSNorm(E[ids]), SmearGate'd (compiled as one region)."""
+        e = self.tok_emb(input_ids)
+        return rms_norm(self.smear(e, input_ids) if self.h.smear_gate_enabled else e).to(self.compute_dtype)
+
     def hidden(self, input_ids: Tensor, lora: DocumentLoRA | None = None) -> Tensor:
         """Final normalised hidden states [B,T,d] (the tied head's input); lora: TTT adapters per virtual layer."""
-        e = self.tok_emb(input_ids)
-        x = rms_norm(self.smear(e, input_ids) if self.h.smear_gate_enabled else e).to(self.compute_dtype)
+        x = self.embed(input_ids)
         x0, lane1 = x, None
         cos, sin = self.rope_cos, self.rope_sin
         mask = None
@@ -2946,6 +2950,7 @@ def compile_model(model: GPT, h: Hyperparameters, runtime: Runtime) -> str:
         for block in model.blocks:
             block.compile(dynamic=False)
         model.head.compile(dynamic=False)
+        model.embed = torch.compile(model.embed, dynamic=False)  # fuses the SmearGate's elementwise work
     else:
         model.compile(dynamic=False)
     return mode
