@@ -243,7 +243,7 @@ class Hyperparameters:
             self.gptq_calibration_seqs = env_int("GPTQ_CALIBRATION_SEQS", 8, "training sequences per GPTQ calibration batch", min_value=1)
             self.gptq_block_size = env_int("GPTQ_BLOCK_SIZE", 128, "GPTQ column block", min_value=1)
             self.gptq_damp = env_float("GPTQ_DAMP", 0.01, "GPTQ damping as a fraction of mean(diag H)", min_value=0)
-            self.compressor = env_str("COMPRESSOR", "brotli", "artifact compressor; rans: numpy rANS with fitted tables for the ints", ("brotli", "zstd", "lzma", "rans"))
+            self.compressor = env_str("COMPRESSOR", "rans", "artifact compressor; rans: numpy rANS with fitted tables for the ints", ("brotli", "zstd", "lzma", "rans"))
             self.artifact_target_bytes = env_int("ARTIFACT_TARGET_BYTES", 0, "total bytes to fit; 0 = 16,000,000", min_value=0)
 
         with config_section("evaluation"):
