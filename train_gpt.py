@@ -243,7 +243,7 @@ class Hyperparameters:
             self.gptq_calibration_seqs = env_int("GPTQ_CALIBRATION_SEQS", 8, "training sequences per GPTQ calibration batch", min_value=1)
             self.gptq_block_size = env_int("GPTQ_BLOCK_SIZE", 128, "GPTQ column block", min_value=1)
             self.gptq_damp = env_float("GPTQ_DAMP", 0.01, "GPTQ damping as a fraction of mean(diag H)", min_value=0)
-            self.compressor = env_str("COMPRESSOR", "brotli", "artifact compressor; rans: numpy rANS with fitted tables for the ints", ("brotli", "zstd", "lzma", "rans"))
+            self.compressor = env_str("COMPRESSOR", "rans", "artifact compressor; rans: numpy rANS with fitted tables for the ints", ("brotli", "zstd", "lzma", "rans"))
             self.artifact_target_bytes = env_int("ARTIFACT_TARGET_BYTES", 0, "total bytes to fit; 0 = 16,000,000", min_value=0)
 
         with config_section("evaluation"):
@@ -855,17 +855,31 @@ def document_segments(input_ids: Tensor, span: int | None) -> Tensor:
     return segments * input_ids.size(1) + (positions - doc_start) // span
 
 
-def attention_mask(segments: Tensor, backend: str):
-    """What causal_attention takes to keep each query inside its segment: FlexAttention's block mask
-    (built once per forward, shared by every layer) or, for SDPA, the segment ids themselves."""
+def attention_mask(segments: Tensor, backend: str, block: int = 128):
+    """What causal_attention takes to keep each query inside its segment: for SDPA the segment ids
+    themselves; for FlexAttention a BlockMask (built once per forward, shared by every layer) from
+    block-level segment ranges, since segment ids never decrease along a row: kv block j is skipped for
+    query block i when its last segment precedes i's first, kept whole when j < i and both lie in one
+    segment, and masked element-wise otherwise (8x cheaper than create_block_mask's pairwise scan)."""
     if backend != "flex":
         return segments
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
     B, T = segments.shape
 
     def same_segment_causal(b, h, q, kv):
         return (q >= kv) & (segments[b, q] == segments[b, kv])
-    return create_block_mask(same_segment_causal, B, None, T, T, device=segments.device, _compile=True)
+    if T % block:
+        return create_block_mask(same_segment_causal, B, None, T, T, device=segments.device, _compile=True)
+    ranges = segments.view(B, T // block, block)
+    lo, hi = ranges[..., 0], ranges[..., -1]  # [B, blocks]
+    causal = torch.ones(T // block, T // block, dtype=torch.bool, device=segments.device).tril()
+    live = causal & (hi[:, None, :] >= lo[:, :, None])  # [B, q block, kv block]
+    one = lo == hi
+    full = causal.tril(-1) & (one[:, :, None] & one[:, None, :]) & (lo[:, :, None] == lo[:, None, :])
+
+    def listed(blocks: Tensor) -> tuple[Tensor, Tensor]:  # (counts [B,1,n], indices [B,1,n,n]) with listed blocks first
+        return blocks.sum(-1, dtype=torch.int32)[:, None], torch.argsort((~blocks).int(), dim=-1, stable=True).int()[:, None]
+    return BlockMask.from_kv_blocks(*listed(live & ~full), *listed(full), BLOCK_SIZE=block, mask_mod=same_segment_causal)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, mask=None) -> Tensor:
