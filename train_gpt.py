@@ -2764,7 +2764,7 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
 # TTT window). That forward, with per-document adapters, gives the chunk's score; only then does
 # one AdamW step of the adapters on the chunk's mean loss follow. The last chunk is scored only.
 LORA_PLACEMENTS = ("q", "k", "v", "o", "mlp", "head")
-MIN_WINDOW_BUCKET = 64  # shortest forward: shorter windows are padded (the GPU is latency-bound there)
+MIN_WINDOW_BUCKET = 128  # shortest forward: the GPU is latency-bound below, and it is FlexAttention's mask block
 CHALLENGE_VAL_TOKENS = 47_851_520  # FineWeb validation tokens with the records' CaseOps tokenizer (40,540,160 with sp8192)
 
 

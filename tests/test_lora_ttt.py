@@ -66,10 +66,10 @@ def test_chunk_size_and_window_lengths(monkeypatch):
     for longest, chunk in ((17, 2), (20, 2), (21, 3), (45, 3), (46, 5)):
         assert tg.lora_chunks(torch.tensor([[0, longest], [0, 0]]), h)[0] == chunk
     chunk, lengths = tg.lora_chunks(torch.tensor([[10, 10 + 460], [3, 7]]), h)
-    # chunk c's window holds min((c+1)*5, 200) tokens, padded to a power of two >= 64, at most 200
+    # chunk c's window holds min((c+1)*5, 200) tokens, padded to a power of two >= 128, at most 200
     assert chunk == 5 and len(lengths) == 92
-    assert lengths == [min(200, max(64, 1 << (min(5 * (c + 1), 200) - 1).bit_length())) for c in range(92)]
-    assert sorted(set(lengths)) == [64, 128, 200]
+    assert lengths == [min(200, max(128, 1 << (min(5 * (c + 1), 200) - 1).bit_length())) for c in range(92)]
+    assert sorted(set(lengths)) == [128, 200] and lengths.count(128) == 25
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -268,13 +268,13 @@ def test_every_target_scored_once_before_any_update_sees_it(monkeypatch, mode, e
 
 
 def test_short_chunks_and_long_windows_use_few_static_shapes(monkeypatch):
-    h = lora_hparams(monkeypatch, EVAL_SEQ_LEN=128, TTT_CHUNK_SIZE=16, TTT_SHORT_CHUNKS="20:2,45:3")
+    h = lora_hparams(monkeypatch, EVAL_SEQ_LEN=256, TTT_CHUNK_SIZE=16, TTT_SHORT_CHUNKS="20:2,45:3")
     tokens, _ = doc_stream(DOC_LENGTHS + (300, 150), None)
     recorder = LoRARecorder(tokens.numel() + 1)
     result = tg.eval_lora_ttt(recorder, tokens, make_target_bytes(tokens), h, CPU)
     assert result.tokens == tokens.numel() - 1
     assert result.loss * result.tokens == pytest.approx(recorder.weights[tokens[1:]].sum().item(), rel=1e-12)
-    assert recorder.shapes == {(3, 64), (3, 128)}
+    assert recorder.shapes == {(3, 128), (3, 256)}
 
 
 def test_compiled_blocks_do_not_recompile_per_slot_or_batch(monkeypatch):
