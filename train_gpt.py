@@ -250,7 +250,7 @@ class Hyperparameters:
             self.lqer_rank = env_int("LQER_RANK", 4, "LQER: rank of the correction A B", min_value=1)
             self.lqer_top_k = env_int("LQER_TOP_K", 3, "LQER: tensors corrected", min_value=1)
             self.lqer_asym_group = env_int("LQER_ASYM_GROUP", 32, "LQER: values of B (row-major) per fp16 scale", min_value=1)
-            self.compressor = env_str("COMPRESSOR", "brotli", "artifact compressor; rans: numpy rANS with fitted tables for the ints", ("brotli", "zstd", "lzma", "rans"))
+            self.compressor = env_str("COMPRESSOR", "rans", "artifact compressor; rans: numpy rANS with fitted tables for the ints", ("brotli", "zstd", "lzma", "rans"))
             self.artifact_target_bytes = env_int("ARTIFACT_TARGET_BYTES", 0, "total bytes to fit; 0 = 16,000,000", min_value=0)
 
         with config_section("evaluation"):
@@ -259,11 +259,26 @@ class Hyperparameters:
             self.sliding_window_enabled = env_bool("SLIDING_WINDOW_ENABLED", True, "run the sliding-window evaluation")
             self.eval_stride = env_int("EVAL_STRIDE", 64, "sliding window advance (targets scored per window)", min_value=1)
             self.ttt_enabled = env_bool("TTT_ENABLED", True, "run legal score-first test-time training")
-            self.ttt_lr = env_float("TTT_LR", 0.005, "TTT SGD learning rate (cosine over chunks)", min_value=0)
-            self.ttt_momentum = env_float("TTT_MOMENTUM", 0.9, "TTT SGD momentum", min_value=0, max_value=1)
-            self.ttt_epochs = env_int("TTT_EPOCHS", 3, "TTT passes over each scored chunk", min_value=0)
-            self.ttt_chunk_tokens = env_int("TTT_CHUNK_TOKENS", 32768, "TTT chunk length in tokens", min_value=1)
-            self.ttt_grad_clip = env_float("TTT_GRAD_CLIP", 1.0, "TTT gradient-norm clip; 0 = off", min_value=0)
+            self.ttt_mode = env_str("TTT_MODE", "sgd", "sgd: chunked SGD of all weights over the stream; lora: per-document LoRA; lora_phased: lora plus PHASED_TTT_NUM_PHASES phases of global SGD", ("sgd", "lora", "lora_phased"))
+            self.ttt_lr = env_float("TTT_LR", 0.005, "sgd mode: SGD learning rate (cosine over chunks)", min_value=0)
+            self.ttt_momentum = env_float("TTT_MOMENTUM", 0.9, "SGD momentum (sgd mode and the phases' global SGD)", min_value=0, max_value=1)
+            self.ttt_epochs = env_int("TTT_EPOCHS", 3, "sgd mode: passes over each scored chunk", min_value=0)
+            self.ttt_chunk_tokens = env_int("TTT_CHUNK_TOKENS", 32768, "tokens per SGD chunk (sgd mode and the phases' global SGD)", min_value=1)
+            self.ttt_grad_clip = env_float("TTT_GRAD_CLIP", 1.0, "SGD gradient-norm clip (sgd mode and global SGD); 0 = off", min_value=0)
+            self.ttt_lora_rank = env_int("TTT_LORA_RANK", 80, "lora: adapter rank r", min_value=1)
+            self.ttt_lora_alpha = env_float("TTT_LORA_ALPHA", 144.0, "lora: adapter output scale alpha/r", min_value=0)
+            self.ttt_lora_lr = env_float("TTT_LORA_LR", 1e-4, "lora: AdamW learning rate (beta1 = 0)", min_value=0)
+            self.ttt_lora_beta2 = env_float("TTT_LORA_BETA2", 0.99, "lora: AdamW beta2", min_value=0, max_value=1)
+            self.ttt_lora_wd = env_float("TTT_LORA_WD", 0.5, "lora: AdamW weight decay", min_value=0)
+            self.ttt_lora_targets = env_str("TTT_LORA_TARGETS", "q,k,v,o,mlp,head", "lora: comma list of adapted projections among q,k,v,o,mlp,head")
+            self.ttt_chunk_size = env_int("TTT_CHUNK_SIZE", 48, "lora: targets scored, then trained on, per step of a document", min_value=1)
+            self.ttt_short_chunks = env_str("TTT_SHORT_CHUNKS", "", "lora: smaller chunks for batches of short documents, max_len:chunk pairs, e.g. 256:8,2000:24")
+            self.ttt_batch_docs = env_int("TTT_BATCH_DOCS", 64, "lora: documents per forward (one row each)", min_value=1)
+            self.ttt_eval_seq_len = env_int("TTT_EVAL_SEQ_LEN", 0, "lora: context window per row; 0 = EVAL_SEQ_LEN", min_value=0)
+            self.phased_ttt_num_phases = env_int("PHASED_TTT_NUM_PHASES", 1, "lora_phased: phases of global SGD on the documents scored so far", min_value=0)
+            self.phased_ttt_prefix_docs = env_float("PHASED_TTT_PREFIX_DOCS", 0.05, "lora_phased: documents scored before the last phase; < 1: a fraction of the validation documents", min_value=0)
+            self.phased_ttt_lr = env_float("PHASED_TTT_LR", 1e-3, "lora_phased: global SGD learning rate (cosine over chunks)", min_value=0)
+            self.phased_ttt_epochs = env_int("PHASED_TTT_EPOCHS", 1, "lora_phased: global SGD passes over each chunk", min_value=0)
             self.ngram_tilt_enabled = env_bool("NGRAM_TILT_ENABLED", False, "tilt each scored distribution toward the token that most often followed the same context earlier in the stream")
             self.ngram_tilt_order = env_int("NGRAM_TILT_ORDER", 16, "n-gram tilt: n; the context is the previous n-1 tokens", min_value=2)
             self.ngram_tilt_threshold = env_float("NGRAM_TILT_THRESHOLD", 0.8, "n-gram tilt fires where top_count/total of the context >= this", min_value=0, max_value=1)
@@ -294,6 +309,15 @@ class Hyperparameters:
             raise ConfigError("TRAIN_SEQ_LEN_SCHEDULE cuts documents into pieces through the attention mask: set DOC_MASKED_ATTENTION_ENABLED=1")
         if self.eval_only and self.requantize_from:
             raise ConfigError("EVAL_ONLY and REQUANTIZE_FROM are exclusive: set one")
+        if not set(self.ttt_lora_targets.split(",")) <= set(LORA_PLACEMENTS):
+            raise ConfigError(f"TTT_LORA_TARGETS={self.ttt_lora_targets!r} must be a comma list of {','.join(LORA_PLACEMENTS)}")
+        try:  # [(max document length, chunk)], ascending
+            self.short_chunks = sorted((int(n), int(c)) for n, c in (p.split(":") for p in self.ttt_short_chunks.split(",") if p))
+        except ValueError:
+            raise ConfigError(f"TTT_SHORT_CHUNKS={self.ttt_short_chunks!r} must be max_len:chunk pairs, e.g. 256:8,2000:24") from None
+        self.ttt_window = self.ttt_eval_seq_len or self.eval_seq_len
+        if self.ttt_mode != "sgd" and not all(1 <= c <= self.ttt_window for _, c in [(0, self.ttt_chunk_size)] + self.short_chunks):
+            raise ConfigError(f"TTT_CHUNK_SIZE={self.ttt_chunk_size} and TTT_SHORT_CHUNKS chunks must lie in 1..{self.ttt_window} (the TTT window)")
 
     @property
     def seq_len_schedule(self) -> list[tuple[int, float]]:
@@ -838,17 +862,31 @@ def document_segments(input_ids: Tensor, span: int | None) -> Tensor:
     return segments * input_ids.size(1) + (positions - doc_start) // span
 
 
-def attention_mask(segments: Tensor, backend: str):
-    """What causal_attention takes to keep each query inside its segment: FlexAttention's block mask
-    (built once per forward, shared by every layer) or, for SDPA, the segment ids themselves."""
+def attention_mask(segments: Tensor, backend: str, block: int = 128):
+    """What causal_attention takes to keep each query inside its segment: for SDPA the segment ids
+    themselves; for FlexAttention a BlockMask (built once per forward, shared by every layer) from
+    block-level segment ranges, since segment ids never decrease along a row: kv block j is skipped for
+    query block i when its last segment precedes i's first, kept whole when j < i and both lie in one
+    segment, and masked element-wise otherwise (8x cheaper than create_block_mask's pairwise scan)."""
     if backend != "flex":
         return segments
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
     B, T = segments.shape
 
     def same_segment_causal(b, h, q, kv):
         return (q >= kv) & (segments[b, q] == segments[b, kv])
-    return create_block_mask(same_segment_causal, B, None, T, T, device=segments.device, _compile=True)
+    if T % block:
+        return create_block_mask(same_segment_causal, B, None, T, T, device=segments.device, _compile=True)
+    ranges = segments.view(B, T // block, block)
+    lo, hi = ranges[..., 0], ranges[..., -1]  # [B, blocks]
+    causal = torch.ones(T // block, T // block, dtype=torch.bool, device=segments.device).tril()
+    live = causal & (hi[:, None, :] >= lo[:, :, None])  # [B, q block, kv block]
+    one = lo == hi
+    full = causal.tril(-1) & (one[:, :, None] & one[:, None, :]) & (lo[:, :, None] == lo[:, None, :])
+
+    def listed(blocks: Tensor) -> tuple[Tensor, Tensor]:  # (counts [B,1,n], indices [B,1,n,n]) with listed blocks first
+        return blocks.sum(-1, dtype=torch.int32)[:, None], torch.argsort((~blocks).int(), dim=-1, stable=True).int()[:, None]
+    return BlockMask.from_kv_blocks(*listed(live & ~full), *listed(full), BLOCK_SIZE=block, mask_mod=same_segment_causal)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, mask=None) -> Tensor:
@@ -985,11 +1023,12 @@ class Attention(nn.Module):
         if self.gate_scale is not None:  # zero init: every head starts at sigmoid(0) = 0.5
             declare(self, "gate_w", torch.zeros(h.num_heads, h.gate_window), Role("scalar", "gate"))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask=None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask=None, lora: LoRATerms | None = None) -> Tensor:
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if lora is not None:  # TTT adapters read the normed block input x (as do O and the MLP's)
+            q, k, v = lora.add("q", x, q), lora.add("k", x, k), lora.add("v", x, v)
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # H, KV, KV heads
         q = apply_partial_rope(rms_norm(q), cos, sin) * self.q_gain.to(x.dtype)[None, None, :, None]
         k = apply_partial_rope(rms_norm(k), cos, sin)
         y = causal_attention(q, k, v, self.backend, mask)
@@ -998,7 +1037,8 @@ class Attention(nn.Module):
         if self.gate_scale is not None:  # sparse head gate: y_h *= sigmoid(scale * W_g[h] . x[:window])
             gate = torch.sigmoid(self.gate_scale * F.linear(x[..., : self.gate_w.size(1)], self.gate_w.to(x.dtype)))
             y = y * gate[..., None]
-        return self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
+        out = self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
+        return out if lora is None else lora.add("o", x, out)  # O: a bypass from x, not a term of y
 
 
 class MLP(nn.Module):
@@ -1008,11 +1048,13 @@ class MLP(nn.Module):
         self.down = CastedLinear(h.mlp_mult * h.model_dim, h.model_dim, "mlp", zero_init=True)
         self.fused = fused_kernels_enabled(h) and h.model_dim % 8 == 0  # TMA: 16-byte aligned rows
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, lora: LoRATerms | None = None) -> Tensor:
         # GPTQ calibration hooks the two linears' inputs: those calls take the plain path.
         if self.fused and triton_runs_on(x) and not (self.up._forward_hooks or self.down._forward_hooks):
-            return fused_leaky_relu_square_mlp(x, self.up.weight.to(x.dtype), self.down.weight.to(x.dtype))
-        return self.down(F.leaky_relu(self.up(x), negative_slope=0.5).square())
+            y = fused_leaky_relu_square_mlp(x, self.up.weight.to(x.dtype), self.down.weight.to(x.dtype))
+        else:
+            y = self.down(F.leaky_relu(self.up(x), negative_slope=0.5).square())
+        return y if lora is None else lora.add("mlp", x, y)  # a bypass outside the fused kernel
 
 
 class Block(nn.Module):
@@ -1044,14 +1086,14 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         return mix[0] * x + mix[1] * x0
 
-    def _attn(self, x: Tensor, cos: Tensor, sin: Tensor, mask) -> Tensor:
-        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale.to(x.dtype), cos, sin, mask)
+    def _attn(self, x: Tensor, cos: Tensor, sin: Tensor, mask, lora: LoRATerms | None) -> Tensor:
+        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale.to(x.dtype), cos, sin, mask, lora)
 
-    def _mlp(self, x: Tensor) -> Tensor:
-        return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale.to(x.dtype))
+    def _mlp(self, x: Tensor, lora: LoRATerms | None) -> Tensor:
+        return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale.to(x.dtype), lora)
 
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, lane1: Tensor | None = None,
-                skip: Tensor | None = None, skip_weight: Tensor | None = None, skip_gate: Tensor | None = None, mask=None):
+                skip: Tensor | None = None, skip_weight: Tensor | None = None, skip_gate: Tensor | None = None, mask=None, lora: LoRATerms | None = None):
         if skip is not None:
             # U-Net skip (enters lane0): s = w*skip; x = s + sigmoid(g)*(x - s). Done here, inside the
             # block's compiled region, so that it fuses instead of running as separate kernels.
@@ -1059,15 +1101,15 @@ class Block(nn.Module):
             x = s + torch.sigmoid(skip_gate).to(x.dtype) * (x - s)
         if self.mode == "sequential":
             x = self._mix(x, x0)
-            x = x + self._attn(x, cos, sin, mask)
-            return x + self._mlp(x)
+            x = x + self._attn(x, cos, sin, mask, lora)
+            return x + self._mlp(x, lora)
         if self.mode == "single":
             u = self._mix(x, x0)
-            return u + self._attn(u, cos, sin, mask) + self._mlp(u)
+            return u + self._attn(u, cos, sin, mask, lora) + self._mlp(u, lora)
         if lane1 is None:  # the first lanes layer splits the stream into two equal lanes
             lane1 = x
-        a = self._attn(self._mix(x, x0), cos, sin, mask)
-        m = self._mlp(lane1)
+        a = self._attn(self._mix(x, x0), cos, sin, mask, lora)
+        m = self._mlp(lane1, lora)
         r, wa, wm = (p.to(x.dtype) for p in (self.lane_resid, self.lane_attn, self.lane_mlp))
         return r[0] * x + wa[0] * a + wm[0] * m, r[1] * lane1 + wa[1] * a + wm[1] * m
 
@@ -1286,7 +1328,8 @@ class FusedLeakyReLUSquareMLP(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, w_up, w_down, pre = ctx.saved_tensors
         dpre, post = torch.ops.pgolf.mlp_act_grad(dy, w_down, pre)
-        return dpre @ w_up, dpre.t() @ x, dy.t() @ post
+        _, up, down = ctx.needs_input_grad  # frozen weights (LoRA TTT): the input's gradient alone
+        return dpre @ w_up, dpre.t() @ x if up else None, dy.t() @ post if down else None
 
 
 def fused_leaky_relu_square_mlp(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
@@ -1359,8 +1402,10 @@ class SoftcapHead(nn.Module):
         self.fused = fused
 
     def forward(self, hidden: Tensor, embedding: Tensor, caps: Tensor, target_ids: Tensor | None, reduction: str,
-                hint_ids: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                hint_ids: Tensor | None = None, lora: LoRATerms | None = None) -> Tensor | tuple[Tensor, Tensor]:
         z = F.linear(hidden, embedding.to(hidden.dtype))
+        if lora is not None:  # the TTT head adapter adds to the logits before the softcap
+            z = lora.add("head", hidden, z)
         if target_ids is None:
             return softcap(z, caps[0], caps[1])
         if hint_ids is not None and reduction != "none":
@@ -1421,7 +1466,7 @@ class GPT(nn.Module):
         if h.loop_embeddings_enabled and h.num_loops:
             declare(self, "loop_embeddings", torch.zeros(h.num_loops + 1, h.model_dim), SCALAR)
         self.attention_span: int | None = None  # TRAIN_SEQ_LEN_SCHEDULE's current span (training only)
-        cos, sin = rotary_tables(max(h.train_seq_len, h.eval_seq_len), h.rope_dims, h.rope_base)
+        cos, sin = rotary_tables(max(h.train_seq_len, h.eval_seq_len, h.ttt_window), h.rope_dims, h.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.compute_dtype = torch.float32
@@ -1438,10 +1483,14 @@ class GPT(nn.Module):
         previous = F.pad(e[:, :-1], (0, 0, 1, 0))
         return e + (gate * (input_ids != BOS_ID))[..., None] * previous
 
-    def hidden(self, input_ids: Tensor) -> Tensor:
-        """Final normalised hidden states [B,T,d] (the tied head's input)."""
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """The stream entering the first block: RMSNorm(E[ids]), SmearGate'd (compiled as one region)."""
         e = self.tok_emb(input_ids)
-        x = rms_norm(self.smear(e, input_ids) if self.h.smear_gate_enabled else e).to(self.compute_dtype)
+        return rms_norm(self.smear(e, input_ids) if self.h.smear_gate_enabled else e).to(self.compute_dtype)
+
+    def hidden(self, input_ids: Tensor, lora: DocumentLoRA | None = None) -> Tensor:
+        """Final normalised hidden states [B,T,d] (the tied head's input); lora: TTT adapters per virtual layer."""
+        x = self.embed(input_ids)
         x0, lane1 = x, None
         cos, sin = self.rope_cos, self.rope_sin
         mask = None
@@ -1460,10 +1509,11 @@ class GPT(nn.Module):
             if i >= num_encoder and skips:  # U-Net skips are popped LIFO by the second half
                 j = i - num_encoder
                 skip = dict(skip=skips.pop(), skip_weight=self.skip_weights[j], skip_gate=self.skip_gates[j])
+            terms = None if lora is None else lora.layers[i]  # one adapter set per virtual layer, not per physical one
             if block.mode == "lanes":
-                x, lane1 = block(x, x0, cos, sin, lane1, **skip, mask=mask)
+                x, lane1 = block(x, x0, cos, sin, lane1, **skip, mask=mask, lora=terms)
             else:
-                x = block(x, x0, cos, sin, **skip, mask=mask)
+                x = block(x, x0, cos, sin, **skip, mask=mask, lora=terms)
             if i < num_encoder:
                 skips.append(x)
         if lane1 is not None:
@@ -1471,10 +1521,12 @@ class GPT(nn.Module):
         return self.final_norm(x)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean",
-                hint_ids: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                hint_ids: Tensor | None = None, lora: DocumentLoRA | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Logits [B,T,V] without targets; else the fp32 cross-entropy ('mean', 'sum' or per-token 'none');
-        with hint_ids (and 'none') the pair (nll, -log p(hint)) from the same logits (n-gram tilt)."""
-        return self.head(self.hidden(input_ids), self.tok_emb.weight, self.softcap_caps, target_ids, reduction, hint_ids)
+        with hint_ids (and 'none') the pair (nll, -log p(hint)) from the same logits (n-gram tilt);
+        with lora (a DocumentLoRA, one document per row) the TTT adapters' terms are added on the way."""
+        return self.head(self.hidden(input_ids, lora), self.tok_emb.weight, self.softcap_caps, target_ids, reduction, hint_ids,
+                         None if lora is None else lora.head)
 
     def parameter_roles(self) -> dict[str, Role]:
         """{state_dict name: Role} of every parameter, as declared where each was created."""
@@ -2512,9 +2564,9 @@ def window_batch(tokens: Tensor, windows: Tensor, seq_len: int) -> tuple[Tensor,
 
 
 def pad_windows(windows: Tensor, count: int) -> Tensor:
-    """Append empty windows (0, 0, 0): all padding, nothing scored. Keeps batch shapes static."""
+    """Append empty rows (0, 0, 0) (windows) or (0, 0) (documents): all padding, nothing scored. Keeps batch shapes static."""
     missing = count - windows.size(0)
-    return torch.cat((windows, windows.new_zeros(missing, 3))) if missing > 0 else windows
+    return torch.cat((windows, windows.new_zeros(missing, windows.size(1)))) if missing > 0 else windows
 
 
 def rank_share(begin: int, end: int, runtime: Runtime) -> tuple[int, int]:
@@ -2625,26 +2677,33 @@ def ngram_tilt(tokens: Tensor, h: Hyperparameters) -> NgramTilt | None:
     return NgramTilt(*ngram_hints(tokens, h.ngram_tilt_order, h.ngram_tilt_threshold), h.ngram_tilt_boost)
 
 
+def score_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, batch: Tensor, seq_len: int, totals: Tensor,
+                tilt: NgramTilt | None = None, lora: DocumentLoRA | None = None) -> tuple[Tensor, Tensor]:
+    """Add (nats, bytes, count, untilted nats, gated count) of the scored targets of the windows `batch`
+    to `totals` (float64 [5]) from one forward; target_bytes[i] is the byte count of target i; with a
+    tilt the nats are tilted. Returns (untilted nll per position, scored mask); the nll keeps its
+    graph when grad is enabled (LoRA TTT trains on it after this has read the score)."""
+    inputs, targets, scored = window_batch(tokens, batch, seq_len)
+    positions = (batch[:, :1] + torch.arange(seq_len, device=tokens.device)).clamp(max=target_bytes.numel() - 1)
+    if tilt is None:
+        untilted = model(inputs, targets, reduction="none", lora=lora)
+        nll, gates = untilted.detach(), torch.zeros_like(scored)
+    else:
+        hint_ids, gates = tilt.gather(positions, scored)
+        untilted, hint_nll = model(inputs, targets, reduction="none", hint_ids=hint_ids, lora=lora)
+        nll = tilt.apply(untilted.detach(), hint_nll, targets, hint_ids, gates)
+    totals += torch.stack((torch.where(scored, nll.double(), 0.0).sum(),
+                           torch.where(scored, target_bytes[positions], 0).sum().double(),
+                           scored.sum().double(), torch.where(scored, untilted.detach().double(), 0.0).sum(),
+                           gates.sum().double()))
+    return untilted, scored
+
+
 def score_windows(model: nn.Module, tokens: Tensor, target_bytes: Tensor, windows: Tensor, seq_len: int,
                   batch_windows: int, totals: Tensor, tilt: NgramTilt | None = None) -> None:
-    """Add (nats, bytes, count, untilted nats, gated count) of the scored targets of `windows` to
-    `totals` (float64 [5]), in forwards of exactly batch_windows windows; target_bytes[i] is the byte
-    count of target i; with a tilt the nats are tilted. Call under no_grad."""
+    """score_batch over a plan, in forwards of exactly batch_windows windows. Call under no_grad."""
     for i in range(0, windows.size(0), batch_windows):
-        batch = pad_windows(windows[i : i + batch_windows], batch_windows)
-        inputs, targets, scored = window_batch(tokens, batch, seq_len)
-        positions = (batch[:, :1] + torch.arange(seq_len, device=tokens.device)).clamp(max=target_bytes.numel() - 1)
-        if tilt is None:
-            nll = untilted = model(inputs, targets, reduction="none")
-            gates = torch.zeros_like(scored)
-        else:
-            hint_ids, gates = tilt.gather(positions, scored)
-            untilted, hint_nll = model(inputs, targets, reduction="none", hint_ids=hint_ids)
-            nll = tilt.apply(untilted, hint_nll, targets, hint_ids, gates)
-        totals += torch.stack((torch.where(scored, nll.double(), 0.0).sum(),
-                               torch.where(scored, target_bytes[positions], 0).sum().double(),
-                               scored.sum().double(), torch.where(scored, untilted.double(), 0.0).sum(),
-                               gates.sum().double()))
+        score_batch(model, tokens, target_bytes, pad_windows(windows[i : i + batch_windows], batch_windows), seq_len, totals, tilt)
 
 
 def eval_result(stage: str, totals: Tensor, seconds: float, tilted: bool = False) -> EvalResult:
@@ -2699,12 +2758,11 @@ def all_reduce_grads(params: list[nn.Parameter], runtime: Runtime) -> None:
 
 def train_on_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                    tokens: Tensor, chunk_begin: int, chunk_end: int, lr: float, h: Hyperparameters,
-                   runtime: Runtime) -> None:
-    """TTT_EPOCHS SGD steps on the (already scored) targets [chunk_begin, chunk_end), each step on
-    the mean loss of the whole chunk. Its EVAL_SEQ_LEN sequences are split over ranks; each rank sums
+                   runtime: Runtime, epochs: int, seq_len: int) -> None:
+    """`epochs` SGD steps on the (already scored) targets [chunk_begin, chunk_end), each step on
+    the mean loss of the whole chunk. Its seq_len sequences are split over ranks; each rank sums
     its targets' losses divided by the chunk's target count, so the summed gradients are exactly
     the chunk's mean-loss gradient for any world size. Inputs come from the chunk itself."""
-    seq_len = h.eval_seq_len
     sequences = plain_windows(chunk_end - chunk_begin, seq_len) + chunk_begin
     per_rank = math.ceil(sequences.size(0) / runtime.world_size)  # equal on every rank: same collectives
     mine = pad_windows(sequences[runtime.rank * per_rank : (runtime.rank + 1) * per_rank], per_rank).to(tokens.device)
@@ -2713,7 +2771,7 @@ def train_on_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: torc
     num_targets = chunk_end - chunk_begin
     for group in optimizer.param_groups:
         group["lr"] = lr
-    for _ in range(h.ttt_epochs):
+    for _ in range(epochs):
         optimizer.zero_grad(set_to_none=True)
         for i in range(0, per_rank, micro):
             inputs, targets, trained = window_batch(tokens, pad_windows(mine[i : i + micro], micro), seq_len)
@@ -2762,7 +2820,7 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
                 if c < num_chunks - 1:
                     lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
                     chunk_end = min(chunk_begin + chunk_tokens, num_targets)
-                    train_on_chunk(model, params, optimizer, tokens, chunk_begin, chunk_end, lr, h, runtime)
+                    train_on_chunk(model, params, optimizer, tokens, chunk_begin, chunk_end, lr, h, runtime, h.ttt_epochs, seq_len)
                 if (c + 1) % log_every == 0 or c == num_chunks - 1:
                     running = eval_result(stage, runtime.comm.all_reduce_sum(totals.clone()), 0.0)
                     log(f"{stage} chunk:{c + 1}/{num_chunks} running_bpb:{running.bpb:.6f} "
@@ -2772,6 +2830,184 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
     runtime.comm.all_reduce_sum(totals)
     synchronize(runtime)
     return eval_result(stage, totals, time.perf_counter() - t0, tilt is not None)
+
+
+# Per-document LoRA TTT (FRONTIER §5). A document runs from a BOS (or the stream's start) to the next
+# BOS, which is its last target: document [s, e) holds targets s..e-1, so the documents partition the
+# targets that plain/sliding score. Each is scored in chunks of C targets, in order; the chunk ending
+# at local target c is one row of a forward reading the document's own tokens [max(0, c-T), c) (T =
+# TTT window). That forward, with per-document adapters, gives the chunk's score; only then does
+# one AdamW step of the adapters on the chunk's mean loss follow. The last chunk is scored only.
+LORA_PLACEMENTS = ("q", "k", "v", "o", "mlp", "head")
+MIN_WINDOW_BUCKET = 128  # shortest forward: the GPU is latency-bound below, and it is FlexAttention's mask block
+CHALLENGE_VAL_TOKENS = 47_851_520  # FineWeb validation tokens with the records' CaseOps tokenizer (40,540,160 with sp8192)
+
+
+@dataclass
+class LoRATerms:
+    """The TTT adapters of one virtual layer (or of the head), one per document row: for each
+    placement, term(x) = (x A^T) B^T * alpha/r with A [docs, r, in] and B [docs, out, r]."""
+    factors: dict[str, tuple[Tensor, Tensor]]
+    scale: float
+
+    def add(self, name: str, x: Tensor, y: Tensor) -> Tensor:
+        """y + placement `name`'s term of x [docs, T, in]; y itself where this slot has no such adapter."""
+        if name not in self.factors:
+            return y
+        a, b = (f.to(x.dtype) for f in self.factors[name])
+        return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)) * self.scale, b.transpose(1, 2))
+
+
+class DocumentLoRA:
+    """Adapters for TTT_BATCH_DOCS documents at the TTT_LORA_TARGETS placements of every virtual layer
+    and the head. A ~ U(+-1/sqrt(in)) is kept from batch to batch (warm start: it has only trained on
+    documents scored earlier); reset() zeroes B, so a fresh batch starts from the base model."""
+
+    def __init__(self, h: Hyperparameters, num_layers: int, device: torch.device, seed: int) -> None:
+        d, kv, rank, docs = h.model_dim, h.num_kv_heads * h.head_dim, h.ttt_lora_rank, h.ttt_batch_docs
+        shapes = dict(q=(d, d), k=(d, kv), v=(d, kv), o=(d, d), mlp=(d, d), head=(d, h.vocab_size))
+        generator, targets, scale = torch.Generator(device).manual_seed(seed), h.ttt_lora_targets.split(","), h.ttt_lora_alpha / rank
+
+        def pair(n_in: int, n_out: int) -> tuple[Tensor, Tensor]:
+            a = torch.empty(docs, rank, n_in, device=device).uniform_(-n_in ** -0.5, n_in ** -0.5, generator=generator)
+            return a.requires_grad_(), torch.zeros(docs, n_out, rank, device=device, requires_grad=True)
+        self.layers = [LoRATerms({t: pair(*shapes[t]) for t in targets if t != "head"}, scale) for _ in range(num_layers)]
+        self.head = LoRATerms({t: pair(*shapes[t]) for t in targets if t == "head"}, scale)
+
+    def parameters(self) -> list[Tensor]:
+        return [f for terms in (*self.layers, self.head) for pair in terms.factors.values() for f in pair]
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for b in self.parameters()[1::2]:  # the parameters are (A, B) pairs
+            b.zero_()
+
+
+def document_spans(tokens: Tensor) -> Tensor:
+    """[documents, 2] (start, end) target ranges in stream order: a document starts at the stream's
+    start and at every BOS, and ends where the next one starts (or at the last target)."""
+    num_targets = tokens.numel() - 1
+    starts = torch.cat((torch.zeros(1, dtype=torch.long), (tokens[1:num_targets] == BOS_ID).nonzero().flatten() + 1))
+    spans = torch.stack((starts, torch.cat((starts[1:], torch.tensor([num_targets])))), dim=1)
+    return spans[spans[:, 1] > spans[:, 0]]
+
+
+def lora_chunks(docs: Tensor, h: Hyperparameters) -> tuple[int, list[int]]:
+    """(chunk C, forward length per chunk) of a batch: C is TTT_CHUNK_SIZE, or the TTT_SHORT_CHUNKS chunk
+    of the first max_len >= its longest document; chunk c's windows are padded to the next power of two
+    >= min((c+1)C, T) (at least MIN_WINDOW_BUCKET, at most T): few static shapes for torch.compile."""
+    longest = int((docs[:, 1] - docs[:, 0]).max())
+    chunk = next((c for n, c in h.short_chunks if longest <= n), h.ttt_chunk_size)
+    bucket = lambda n: min(h.ttt_window, max(MIN_WINDOW_BUCKET, 1 << (n - 1).bit_length()))  # noqa: E731
+    return chunk, [bucket(min(end, h.ttt_window)) for end in range(chunk, longest + chunk, chunk)]
+
+
+def lora_ttt_schedule(docs: Tensor, h: Hyperparameters, world_size: int) -> list[list[list[Tensor]]]:
+    """segments[k][rank] = that rank's batches (documents [TTT_BATCH_DOCS, 2], (0, 0) rows padding) before
+    phase boundary k. Documents go longest first (ties: stream order); in lora_phased the first
+    PHASED_TTT_PREFIX_DOCS are cut into PHASED_TTT_NUM_PHASES equal segments and the rest form the last.
+    In a segment each batch goes to the rank with the least work so far (sum of forward lengths): a
+    static split, so which documents precede each phase never depends on timing."""
+    ranked = docs[torch.sort(docs[:, 0] - docs[:, 1], stable=True).indices]
+    phases = h.phased_ttt_num_phases if h.ttt_mode == "lora_phased" else 0
+    prefix = min(len(docs), round(h.phased_ttt_prefix_docs * len(docs)) if h.phased_ttt_prefix_docs < 1 else int(h.phased_ttt_prefix_docs))
+    bounds = [0] + [prefix * k // phases for k in range(1, phases + 1)] + [len(docs)]
+    segments = []
+    for a, b in zip(bounds, bounds[1:]):
+        load, mine = [0] * world_size, [[] for _ in range(world_size)]
+        for i in range(a, b, h.ttt_batch_docs):
+            batch = pad_windows(ranked[i : min(i + h.ttt_batch_docs, b)], h.ttt_batch_docs)
+            rank = load.index(min(load))
+            mine[rank].append(batch)
+            load[rank] += sum(lora_chunks(batch, h)[1])
+        segments.append(mine)
+    return segments
+
+
+def lora_ttt_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, docs: Tensor, lora: DocumentLoRA,
+                   h: Hyperparameters, totals: Tensor, tilt: NgramTilt | None) -> None:
+    """Score one batch of documents (docs from lora_ttt_schedule, one row each) chunk by chunk: each
+    chunk's forward adds its score to totals, then the adapters take one AdamW step (beta1 = 0) on the
+    mean loss of each document's chunk, unless it is the document's last. B and the optimizer state
+    start afresh here; A is kept."""
+    lora.reset()
+    optimizer = torch.optim.AdamW(lora.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_lora_beta2), eps=1e-10,
+                                  weight_decay=h.ttt_lora_wd, fused=tokens.is_cuda)
+    chunk, seq_lens = lora_chunks(docs, h)
+    starts, lengths = docs[:, 0].to(tokens.device), (docs[:, 1] - docs[:, 0]).to(tokens.device)  # no host sync below
+    for c, seq_len in enumerate(seq_lens):
+        end = lengths.clamp(max=(c + 1) * chunk)
+        windows = torch.stack((starts + (end - h.ttt_window).clamp(min=0), starts + c * chunk, starts + end), dim=1)
+        windows = torch.where((lengths > c * chunk)[:, None], windows, 0)
+        nll, scored = score_batch(model, tokens, target_bytes, windows, seq_len, totals, tilt, lora)
+        if c < len(seq_lens) - 1:  # some document goes on: train on the chunks that are not a document's last
+            trained = scored & (lengths > (c + 1) * chunk)[:, None]
+            (torch.where(trained, nll, 0.0).sum(1) / trained.sum(1).clamp(min=1)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+def global_sgd(model: nn.Module, tokens: Tensor, docs: Tensor, h: Hyperparameters, runtime: Runtime) -> None:
+    """A phase's global SGD on all weights (momentum TTT_MOMENTUM, PHASED_TTT_EPOCHS steps per chunk, LR
+    PHASED_TTT_LR on a cosine over TTT_CHUNK_TOKENS chunks, clip TTT_GRAD_CLIP, gradients averaged over
+    ranks) on the documents `docs` (all scored), concatenated in stream order in sequences of the TTT
+    window. Each keeps its true targets: every document but the stream's last ends at a BOS, which is
+    also the first token of the next one, and the last one's final target is appended."""
+    last = int(docs[-1, 1])
+    stream = torch.cat([tokens[s:e] for s, e in docs.tolist()] + [tokens[last : last + 1]])
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=h.phased_ttt_lr, momentum=h.ttt_momentum)
+    begins = range(0, stream.numel() - 1, h.ttt_chunk_tokens)
+    model.requires_grad_(True)
+    for c, begin in enumerate(begins):
+        lr = h.phased_ttt_lr * 0.5 * (1 + math.cos(math.pi * c / len(begins)))
+        end = min(begin + h.ttt_chunk_tokens, stream.numel() - 1)
+        train_on_chunk(model, params, optimizer, stream, begin, end, lr, h, runtime, h.phased_ttt_epochs, h.ttt_window)
+    optimizer.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
+
+
+def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
+                  runtime: Runtime, log=log_nothing, stage: str = "ttt") -> EvalResult:
+    """Score-first per-document LoRA TTT (TTT_MODE=lora), and in lora_phased global SGD of the base model
+    at each phase boundary on every document scored so far, all ranks agreeing (one all-reduce) on
+    which they are; later documents are scored by the updated model with fresh adapters. Every target
+    is scored once, before any update that has seen it (README "TTT"). Changes the weights in place."""
+    synchronize(runtime)
+    t0 = time.perf_counter()
+    tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
+    tilt = ngram_tilt(tokens, h)
+    docs = document_spans(val_tokens.cpu())
+    segments = [s for s in lora_ttt_schedule(docs, h, runtime.world_size) if any(s)]  # an empty phase does nothing
+    num_layers = len(loop_schedule(h.num_layers, h.loop_start, h.loop_end, h.num_loops, True))
+    totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
+    scored = torch.zeros(len(docs), dtype=torch.int32)  # by this rank, per document
+    model.requires_grad_(False)  # only the adapters get gradients while scoring
+    try:
+        with looping_enabled(model):
+            for k, segment in enumerate(segments):
+                t_phase = time.perf_counter()
+                lora = DocumentLoRA(h, num_layers, runtime.device, seed=h.seed + k)  # fresh after each phase
+                for batch in segment[runtime.rank]:
+                    lora_ttt_batch(model, tokens, target_bytes, batch, lora, h, totals, tilt)
+                    scored[torch.searchsorted(docs[:, 0].contiguous(), batch[batch[:, 1] > batch[:, 0], 0])] += 1
+                del lora
+                done = runtime.comm.all_reduce_sum(scored.to(runtime.device, copy=True)).cpu() > 0  # the documents every rank has scored
+                t_sgd = time.perf_counter()
+                if int(done.sum()) < len(docs):  # a phase boundary: global SGD on all documents scored so far
+                    global_sgd(model, tokens, docs[done], h, runtime)
+                running = eval_result(stage, runtime.comm.all_reduce_sum(totals.clone()), 0.0)
+                synchronize(runtime)
+                log(f"{stage} phase:{k + 1}/{len(segments)} docs:{int(done.sum())}/{len(docs)} running_bpb:{running.bpb:.6f} "
+                    f"scoring:{t_sgd - t_phase:.1f}s global_sgd:{time.perf_counter() - t_sgd:.1f}s elapsed:{time.perf_counter() - t0:.1f}s")
+    finally:
+        model.requires_grad_(True)
+    runtime.comm.all_reduce_sum(totals)
+    synchronize(runtime)
+    seconds = time.perf_counter() - t0
+    log(f"{stage} projection (not a measurement): {seconds * CHALLENGE_VAL_TOKENS / tokens.numel() * runtime.world_size / 8:.0f}s for "
+        f"{CHALLENGE_VAL_TOKENS:,} tokens on 8 GPUs, linear from {tokens.numel():,} tokens in {seconds:.1f}s on {runtime.world_size} {runtime.device.type} process(es), compile included")
+    return eval_result(stage, totals, seconds, tilt is not None)
 
 
 # ==================================================================================================
@@ -2798,11 +3034,12 @@ def compile_model(model: GPT, h: Hyperparameters, runtime: Runtime) -> str:
     if mode == "none":
         return mode
     import torch._dynamo
-    torch._dynamo.config.cache_size_limit = 64  # block variants x looping x eval/train shapes
+    torch._dynamo.config.cache_size_limit = 128  # block variants x looping x eval/train shapes x LoRA TTT window lengths
     if mode == "regional":
         for block in model.blocks:
             block.compile(dynamic=False)
         model.head.compile(dynamic=False)
+        model.embed = torch.compile(model.embed, dynamic=False)  # fuses the SmearGate's elementwise work
     else:
         model.compile(dynamic=False)
     return mode
@@ -3037,7 +3274,8 @@ def evaluate_artifact(path: str, h: Hyperparameters, runtime: Runtime, log: Logg
         results.append(eval_sliding(model, val_tokens, val_target_bytes, h, runtime, stage="quantized_sliding"))
         log_eval(log, results[-1])
     if h.ttt_enabled:
-        results.append(eval_ttt(model, val_tokens, val_target_bytes, h, runtime, log=log, stage="quantized_ttt"))
+        ttt = eval_ttt if h.ttt_mode == "sgd" else eval_lora_ttt
+        results.append(ttt(model, val_tokens, val_target_bytes, h, runtime, log=log, stage="quantized_ttt"))
         log_eval(log, results[-1])
     synchronize(runtime)
     eval_seconds = time.perf_counter() - t0

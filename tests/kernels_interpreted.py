@@ -53,6 +53,9 @@ def test_mlp_kernel_matches_plain_forward_and_backward():
         for plain, kernel in zip(*results):
             assert torch.allclose(kernel, plain, rtol=1e-4, atol=1e-4)
         assert results[1][3].abs().max() > 0
+    x.grad, frozen = None, (w_up.detach(), torch.randn(64, 256) / 16)  # LoRA TTT: weights without gradients
+    grads = [torch.autograd.grad(mlp(x, *frozen), x, grad_y)[0] for mlp in (plain_mlp, tg.fused_leaky_relu_square_mlp)]
+    assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=1e-4)
     with torch.no_grad():  # the forward-only variant (pre not written)
         w_down = torch.randn(64, 256) / 16
         assert torch.allclose(tg.fused_leaky_relu_square_mlp(x, w_up, w_down), plain_mlp(x, w_up, w_down), atol=1e-4)

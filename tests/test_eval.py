@@ -171,7 +171,7 @@ class RecordingModel(nn.Module):
         self.frontier = 0  # highest target id seen by a scoring forward
         self.train_reads_ahead = False
 
-    def forward(self, input_ids, target_ids, reduction="none"):
+    def forward(self, input_ids, target_ids, reduction="none", lora=None):
         if not torch.is_grad_enabled():
             self.frontier = max(self.frontier, int(target_ids.max()))
             return self.weights[target_ids] + 1000.0 * self.trained[target_ids]

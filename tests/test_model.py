@@ -382,3 +382,28 @@ def test_training_span_follows_its_schedule(monkeypatch):
         tiny_hparams(monkeypatch, TRAIN_SEQ_LEN_SCHEDULE="64@0")  # longer than TRAIN_SEQ_LEN
     with pytest.raises(tg.ConfigError, match="DOC_MASKED_ATTENTION_ENABLED=1"):
         tiny_hparams(monkeypatch, TRAIN_SEQ_LEN_SCHEDULE="8@0", DOC_MASKED_ATTENTION_ENABLED=0)
+
+
+def test_flex_block_mask_from_segment_ranges_matches_the_pairwise_mask():
+    """The BlockMask built from block-level segment ranges (the CUDA path) keeps exactly the pairs
+    create_block_mask's pairwise scan keeps, and FlexAttention under it equals the dense masked SDPA."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 100, (3, 512), generator=g)
+    ids[0, [0, 100, 101, 380]] = tg.BOS_ID
+    ids[1, 200] = tg.BOS_ID  # one long document after a partial one
+    for span in (None, 128, 96):
+        segments = tg.document_segments(ids, span)
+        mine = tg.attention_mask(segments, "flex")
+
+        def same_segment_causal(b, h, q, kv):
+            return (q >= kv) & (segments[b, q] == segments[b, kv])
+        reference = create_block_mask(same_segment_causal, 3, None, 512, 512, device="cpu")
+        assert torch.equal(mine.to_dense(), reference.to_dense())
+        if span is None:  # whole blocks inside one document are recognised (and skip the element mask)
+            assert int(mine.full_kv_num_blocks.sum()) > 0
+        q, k, v = (torch.randn(3, heads, 512, 16, generator=g) for heads in (4, 2, 2))
+        expected = tg.causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), "sdpa", segments)
+        got = flex_attention(q, k, v, block_mask=mine, enable_gqa=True).transpose(1, 2)
+        assert torch.allclose(got, expected, atol=1e-5)

@@ -257,7 +257,7 @@ def test_budget_search_lands_just_under_target(tiny, compressor, extras, monkeyp
     (in the RTN entropy) and LQER's factors (an additive term). With both on, one more round is allowed
     here: LQER's ~1 KB is ~2% of this 60 KB blob and moves by ~0.1% when another tensor wins the top-K at
     another scale, a third of the window (at 16 MB its ~20 KB is ~0.15%, and a 10M-value model lands in
-    2 rounds with either coder, docs/BENCHMARKS.md §5)."""
+    2 rounds with either coder, docs/BENCHMARKS.md §6)."""
     model = trained_model(tiny)
     hessians = tg.collect_hessians(model, synthetic_batches(4, seed=2), tg.Runtime())
     tiny.artifact_target_bytes, tiny.compressor = 61_000, compressor
