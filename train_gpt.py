@@ -2861,7 +2861,8 @@ class LoRATerms:
 class DocumentLoRA:
     """Adapters for TTT_BATCH_DOCS documents at the TTT_LORA_TARGETS placements of every virtual layer
     and the head. A ~ U(+-1/sqrt(in)) is kept from batch to batch (warm start: it has only trained on
-    documents scored earlier); reset() zeroes B, so a fresh batch starts from the base model."""
+    documents scored earlier); reset() zeroes B, so a fresh batch starts from the base model.
+    narrow(n) goes on with the first n rows only (the documents still being scored)."""
 
     def __init__(self, h: Hyperparameters, num_layers: int, device: torch.device, seed: int) -> None:
         d, kv, rank, docs = h.model_dim, h.num_kv_heads * h.head_dim, h.ttt_lora_rank, h.ttt_batch_docs
@@ -2873,14 +2874,33 @@ class DocumentLoRA:
             return a.requires_grad_(), torch.zeros(docs, n_out, rank, device=device, requires_grad=True)
         self.layers = [LoRATerms({t: pair(*shapes[t]) for t in targets if t != "head"}, scale) for _ in range(num_layers)]
         self.head = LoRATerms({t: pair(*shapes[t]) for t in targets if t == "head"}, scale)
+        self.full = self.parameters()  # all TTT_BATCH_DOCS rows; narrow() trains leaves cut from these
 
     def parameters(self) -> list[Tensor]:
         return [f for terms in (*self.layers, self.head) for pair in terms.factors.values() for f in pair]
 
+    def _set(self, factors: list[Tensor]) -> None:
+        it = iter(factors)
+        for terms in (*self.layers, self.head):
+            terms.factors = {name: (next(it), next(it)) for name in terms.factors}
+
+    @torch.no_grad()
+    def _store(self) -> None:
+        """Write the trained rows back into the full tensors (A of the rows left out stays as it is)."""
+        for full, live in zip(self.full, self.parameters()):
+            if live is not full:
+                full[: live.size(0)].copy_(live)
+
     @torch.no_grad()
     def reset(self) -> None:
-        for b in self.parameters()[1::2]:  # the parameters are (A, B) pairs
+        self._store()
+        self._set(self.full)
+        for b in self.full[1::2]:  # the parameters are (A, B) pairs
             b.zero_()
+
+    def narrow(self, rows: int) -> None:
+        self._store()
+        self._set([f.detach()[:rows].clone().requires_grad_() for f in self.full])
 
 
 def document_spans(tokens: Tensor) -> Tensor:
@@ -2892,22 +2912,32 @@ def document_spans(tokens: Tensor) -> Tensor:
     return spans[spans[:, 1] > spans[:, 0]]
 
 
-def lora_chunks(docs: Tensor, h: Hyperparameters) -> tuple[int, list[int]]:
-    """(chunk C, forward length per chunk) of a batch: C is TTT_CHUNK_SIZE, or the TTT_SHORT_CHUNKS chunk
-    of the first max_len >= its longest document; chunk c's windows are padded to the next power of two
-    >= min((c+1)C, T) (at least MIN_WINDOW_BUCKET, at most T): few static shapes for torch.compile."""
-    longest = int((docs[:, 1] - docs[:, 0]).max())
+def lora_plan(docs: Tensor, h: Hyperparameters) -> tuple[int, list[tuple[int, int]]]:
+    """(chunk C, (rows, forward length) per chunk) of a batch, longest document first: C is TTT_CHUNK_SIZE,
+    or the TTT_SHORT_CHUNKS chunk of the first max_len >= its longest document. Chunk c's windows are
+    padded to the next power of two >= min((c+1)C, T) (at least MIN_WINDOW_BUCKET, at most T); at full
+    windows the batch keeps len(docs) // 4**k rows for the largest k that holds the documents still
+    being scored. Few static shapes for torch.compile, and the long tail of the longest documents does
+    not pay for finished rows (4x less work on the 100 longest proxy documents)."""
+    lengths = (docs[:, 1] - docs[:, 0]).tolist()
+    longest = max(lengths)
     chunk = next((c for n, c in h.short_chunks if longest <= n), h.ttt_chunk_size)
-    bucket = lambda n: min(h.ttt_window, max(MIN_WINDOW_BUCKET, 1 << (n - 1).bit_length()))  # noqa: E731
-    return chunk, [bucket(min(end, h.ttt_window)) for end in range(chunk, longest + chunk, chunk)]
+    plan, rows = [], len(docs)
+    for c, end in enumerate(range(chunk, longest + chunk, chunk)):
+        seq_len = min(h.ttt_window, max(MIN_WINDOW_BUCKET, 1 << (min(end, h.ttt_window) - 1).bit_length()))
+        live = sum(n > c * chunk for n in lengths)
+        while seq_len == h.ttt_window and rows > 1 and live <= max(1, rows // 4):
+            rows = max(1, rows // 4)
+        plan.append((rows, seq_len))
+    return chunk, plan
 
 
 def lora_ttt_schedule(docs: Tensor, h: Hyperparameters, world_size: int) -> list[list[list[Tensor]]]:
-    """segments[k][rank] = that rank's batches (documents [TTT_BATCH_DOCS, 2], (0, 0) rows padding) before
-    phase boundary k. Documents go longest first (ties: stream order); in lora_phased the first
-    PHASED_TTT_PREFIX_DOCS are cut into PHASED_TTT_NUM_PHASES equal segments and the rest form the last.
-    In a segment each batch goes to the rank with the least work so far (sum of forward lengths): a
-    static split, so which documents precede each phase never depends on timing."""
+    """segments[k][rank] = that rank's batches (documents [TTT_BATCH_DOCS, 2], longest first, (0, 0) rows
+    padding) before phase boundary k. Documents go longest first (ties: stream order); in lora_phased the
+    first PHASED_TTT_PREFIX_DOCS are cut into PHASED_TTT_NUM_PHASES equal segments and the rest form the
+    last. In a segment each batch goes to the rank with the least work so far (rows x forward length):
+    a static split, so which documents precede each phase never depends on timing."""
     ranked = docs[torch.sort(docs[:, 0] - docs[:, 1], stable=True).indices]
     phases = h.phased_ttt_num_phases if h.ttt_mode == "lora_phased" else 0
     prefix = min(len(docs), round(h.phased_ttt_prefix_docs * len(docs)) if h.phased_ttt_prefix_docs < 1 else int(h.phased_ttt_prefix_docs))
@@ -2919,32 +2949,45 @@ def lora_ttt_schedule(docs: Tensor, h: Hyperparameters, world_size: int) -> list
             batch = pad_windows(ranked[i : min(i + h.ttt_batch_docs, b)], h.ttt_batch_docs)
             rank = load.index(min(load))
             mine[rank].append(batch)
-            load[rank] += sum(lora_chunks(batch, h)[1])
+            load[rank] += sum(rows * seq_len for rows, seq_len in lora_plan(batch, h)[1])
         segments.append(mine)
     return segments
 
 
+def lora_optimizer(params: list[Tensor], h: Hyperparameters) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(0.0, h.ttt_lora_beta2), eps=1e-10,
+                             weight_decay=h.ttt_lora_wd, fused=params[0].is_cuda)
+
+
 def lora_ttt_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, docs: Tensor, lora: DocumentLoRA,
                    h: Hyperparameters, totals: Tensor, tilt: NgramTilt | None) -> None:
-    """Score one batch of documents (docs from lora_ttt_schedule, one row each) chunk by chunk: each
-    chunk's forward adds its score to totals, then the adapters take one AdamW step (beta1 = 0) on the
-    mean loss of each document's chunk, unless it is the document's last. B and the optimizer state
-    start afresh here; A is kept."""
+    """Score one batch of documents (one row each) chunk by chunk: each chunk's forward adds its score to
+    totals, then the adapters take one AdamW step (beta1 = 0) on the mean loss of each document's chunk,
+    unless it is the document's last. B and the optimizer state start afresh here; A is kept. Where
+    the plan drops rows, the adapters and optimizer state go on for the first rows only: a finished
+    document's adapters stop changing (kept as padding, weight decay would go on shrinking them)."""
+    docs = docs[torch.sort(docs[:, 0] - docs[:, 1], stable=True).indices]  # longest first: live rows lead
     lora.reset()
-    optimizer = torch.optim.AdamW(lora.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_lora_beta2), eps=1e-10,
-                                  weight_decay=h.ttt_lora_wd, fused=tokens.is_cuda)
-    chunk, seq_lens = lora_chunks(docs, h)
+    optimizer = lora_optimizer(lora.parameters(), h)
+    chunk, plan = lora_plan(docs, h)
     starts, lengths = docs[:, 0].to(tokens.device), (docs[:, 1] - docs[:, 0]).to(tokens.device)  # no host sync below
-    for c, seq_len in enumerate(seq_lens):
+    for c, (rows, seq_len) in enumerate(plan):
+        if rows < starts.numel():
+            starts, lengths, old = starts[:rows], lengths[:rows], optimizer
+            lora.narrow(rows)
+            optimizer = lora_optimizer(lora.parameters(), h)
+            for p_old, p in zip(old.param_groups[0]["params"], lora.parameters()):
+                optimizer.state[p] = {k: v[:rows].clone() if v.dim() else v.clone() for k, v in old.state[p_old].items()}
         end = lengths.clamp(max=(c + 1) * chunk)
         windows = torch.stack((starts + (end - h.ttt_window).clamp(min=0), starts + c * chunk, starts + end), dim=1)
         windows = torch.where((lengths > c * chunk)[:, None], windows, 0)
         nll, scored = score_batch(model, tokens, target_bytes, windows, seq_len, totals, tilt, lora)
-        if c < len(seq_lens) - 1:  # some document goes on: train on the chunks that are not a document's last
+        if c < len(plan) - 1:  # some document goes on: train on the chunks that are not a document's last
             trained = scored & (lengths > (c + 1) * chunk)[:, None]
             (torch.where(trained, nll, 0.0).sum(1) / trained.sum(1).clamp(min=1)).sum().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+    lora.reset()  # A's trained rows back into the full tensors
 
 
 def global_sgd(model: nn.Module, tokens: Tensor, docs: Tensor, h: Hyperparameters, runtime: Runtime) -> None:

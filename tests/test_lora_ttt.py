@@ -64,12 +64,55 @@ def test_chunk_size_and_window_lengths(monkeypatch):
     assert lora_hparams(monkeypatch, TTT_CHUNK_SIZE=33, TTT_MODE="sgd").ttt_chunk_size == 33  # sgd does not read it
     h = lora_hparams(monkeypatch, EVAL_SEQ_LEN=128, TTT_EVAL_SEQ_LEN=200, TTT_SHORT_CHUNKS="45:3,20:2")
     for longest, chunk in ((17, 2), (20, 2), (21, 3), (45, 3), (46, 5)):
-        assert tg.lora_chunks(torch.tensor([[0, longest], [0, 0]]), h)[0] == chunk
-    chunk, lengths = tg.lora_chunks(torch.tensor([[10, 10 + 460], [3, 7]]), h)
+        assert tg.lora_plan(torch.tensor([[0, longest], [0, 0]]), h)[0] == chunk
+    chunk, plan = tg.lora_plan(torch.tensor([[3, 7], [10, 10 + 460]]), h)
+    lengths = [seq_len for _, seq_len in plan]
     # chunk c's window holds min((c+1)*5, 200) tokens, padded to a power of two >= 128, at most 200
     assert chunk == 5 and len(lengths) == 92
     assert lengths == [min(200, max(128, 1 << (min(5 * (c + 1), 200) - 1).bit_length())) for c in range(92)]
     assert sorted(set(lengths)) == [128, 200] and lengths.count(128) == 25
+    assert [rows for rows, _ in plan] == [2] * 25 + [1] * 67  # one document left, at full windows: one row
+
+
+def test_rows_shrink_at_full_windows_to_the_documents_still_scored(monkeypatch):
+    h = lora_hparams(monkeypatch, TTT_BATCH_DOCS=20, EVAL_SEQ_LEN=128, TTT_CHUNK_SIZE=8)
+    lengths = [700, 500, 300, 260, 250, 240, 200, 100, 90, 64] + [30] * 7 + [0] * 3  # 3 padding rows
+    docs = torch.tensor([[1000 * i, 1000 * i + n] for i, n in enumerate(lengths)])
+    chunk, plan = tg.lora_plan(docs[torch.randperm(20, generator=torch.Generator().manual_seed(0))], h)
+    assert chunk == 8 and len(plan) == 700 // 8 + 1
+    for c, (rows, seq_len) in enumerate(plan):
+        live = sum(n > 8 * c for n in lengths)
+        if seq_len < 128:  # windows still growing: every row
+            assert rows == 20
+        else:  # the fewest of 20, 5, 1 rows that hold the documents still scored
+            assert rows == min(r for r in (20, 5, 1) if r >= live)
+    assert {rows for rows, _ in plan} == {20, 5, 1}
+
+
+def test_dropping_finished_rows_changes_no_score_and_no_adapter(monkeypatch):
+    """The same run with the plan's rows kept at TTT_BATCH_DOCS: the scores, and A carried to later
+    batches, agree (only the finished rows are dropped, with their optimizer state). Weight decay 0:
+    kept rows of finished documents would go on decaying, dropped ones do not."""
+    h = lora_hparams(monkeypatch, TTT_LORA_WD=0)
+    tokens, _ = doc_stream(DOC_LENGTHS, h.vocab_size)
+    target_bytes = make_target_bytes(tokens)
+    plan = tg.lora_plan
+    outcomes = []
+    for narrow in (True, False):
+        if not narrow:
+            monkeypatch.setattr(tg, "lora_plan", lambda docs, h: (plan(docs, h)[0], [(len(docs), s) for _, s in plan(docs, h)[1]]))
+        lora = tg.DocumentLoRA(h, 6, CPU_DEVICE, seed=0)
+        model, totals = make_model(h), torch.zeros(5, dtype=torch.float64)
+        model.requires_grad_(False)
+        with tg.looping_enabled(model):
+            for batch in tg.lora_ttt_schedule(tg.document_spans(tokens), h, 1)[0][0]:
+                tg.lora_ttt_batch(model, tokens, target_bytes, batch, lora, h, totals, None)
+        outcomes.append((totals, [f.detach().clone() for f in lora.parameters()]))
+    (narrowed, a_narrowed), (kept, a_kept) = outcomes
+    assert narrowed[1:3].tolist() == kept[1:3].tolist() == [int(target_bytes.sum()), sum(DOC_LENGTHS)]
+    assert narrowed[0].item() == pytest.approx(kept[0].item(), rel=1e-6)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a_narrowed, a_kept))
+    assert not torch.equal(a_kept[0], tg.DocumentLoRA(h, 6, CPU_DEVICE, seed=0).parameters()[0])  # A did train
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -85,7 +128,7 @@ def test_schedule_is_longest_first_static_and_balanced(monkeypatch, world_size):
         rows = [tuple(row) for batches in segment for batch in batches for row in batch.tolist() if row[1] > row[0]]
         assert sorted(rows) == sorted(expected)  # each document once, in its phase
         assert all(batch.shape == (h.ttt_batch_docs, 2) for batches in segment for batch in batches)
-        costs = [[sum(tg.lora_chunks(batch, h)[1]) for batch in batches] for batches in segment]
+        costs = [[sum(r * s for r, s in tg.lora_plan(batch, h)[1]) for batch in batches] for batches in segment]
         loads = [sum(c) for c in costs]
         assert max(loads) - min(loads) <= max(itertools.chain([0], *costs))  # greedy least-loaded split
         for batches in segment:  # each rank runs its batches longest first
@@ -264,7 +307,7 @@ def test_every_target_scored_once_before_any_update_sees_it(monkeypatch, mode, e
     recorder = LoRARecorder(tokens.numel() + 1)
     result = tg.eval_lora_ttt(recorder, tokens, make_target_bytes(tokens), h, CPU)
     check_recorded_run(result, recorder, tokens, spans, mode)
-    assert recorder.shapes <= {(3, 32), (2, 32)}  # static: a batch of documents, or of global SGD sequences
+    assert recorder.shapes <= {(3, 32), (1, 32), (2, 32)}  # static: a batch of documents (or its last one), or of global SGD sequences
 
 
 def test_short_chunks_and_long_windows_use_few_static_shapes(monkeypatch):
@@ -274,7 +317,7 @@ def test_short_chunks_and_long_windows_use_few_static_shapes(monkeypatch):
     result = tg.eval_lora_ttt(recorder, tokens, make_target_bytes(tokens), h, CPU)
     assert result.tokens == tokens.numel() - 1
     assert result.loss * result.tokens == pytest.approx(recorder.weights[tokens[1:]].sum().item(), rel=1e-12)
-    assert recorder.shapes == {(3, 128), (3, 256)}
+    assert recorder.shapes == {(3, 128), (3, 256), (1, 256)}
 
 
 def test_compiled_blocks_do_not_recompile_per_slot_or_batch(monkeypatch):
