@@ -1494,7 +1494,7 @@ class GPT(nn.Module):
         x0, lane1 = x, None
         cos, sin = self.rope_cos, self.rope_sin
         mask = None
-        if self.h.doc_masked_attention_enabled:
+        if self.h.doc_masked_attention_enabled and lora is None:  # a LoRA TTT row is one document's window: causal is exact
             mask = attention_mask(document_segments(input_ids, self.attention_span), self.blocks[0].attn.backend)
         order = self.virtual_order()
         num_encoder = len(order) // 2
@@ -3031,13 +3031,17 @@ def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h:
             for k, segment in enumerate(segments):
                 t_phase = time.perf_counter()
                 lora = DocumentLoRA(h, num_layers, runtime.device, seed=h.seed + k)  # fresh after each phase
-                for batch in segment[runtime.rank]:
+                compile_model(model, h, runtime, dynamic=True)
+                for i, batch in enumerate(segment[runtime.rank]):
                     lora_ttt_batch(model, tokens, target_bytes, batch, lora, h, totals, tilt)
                     scored[torch.searchsorted(docs[:, 0].contiguous(), batch[batch[:, 1] > batch[:, 0], 0])] += 1
+                    log(f"{stage} phase:{k + 1} batch:{i + 1}/{len(segment[runtime.rank])} longest:{int((batch[:, 1] - batch[:, 0]).max())} "
+                        f"elapsed:{time.perf_counter() - t0:.1f}s", console=False)
                 del lora
                 done = runtime.comm.all_reduce_sum(scored.to(runtime.device, copy=True)).cpu() > 0  # the documents every rank has scored
                 t_sgd = time.perf_counter()
                 if int(done.sum()) < len(docs):  # a phase boundary: global SGD on all documents scored so far
+                    compile_model(model, h, runtime)
                     global_sgd(model, tokens, docs[done], h, runtime)
                 running = eval_result(stage, runtime.comm.all_reduce_sum(totals.clone()), 0.0)
                 synchronize(runtime)
@@ -3068,23 +3072,28 @@ def build_model(h: Hyperparameters, runtime: Runtime, backend: str) -> GPT:
     return model
 
 
-def compile_model(model: GPT, h: Hyperparameters, runtime: Runtime) -> str:
+def compile_model(model: GPT, h: Hyperparameters, runtime: Runtime, dynamic: bool = False) -> str:
     """Regional compilation (each block and the head) compiles in seconds and serves every layer;
-    full compilation traces the whole unrolled model. Returns the mode used."""
+    full compilation traces the whole unrolled model. Returns the mode used. Static shapes by
+    default (training, plain and sliding eval have one or two); dynamic=True for LoRA TTT's
+    scoring, whose (rows, window) shapes would each cost a compile of every block variant (~60 s
+    on H100). Starts from empty caches: torch 2.13's recompile diagnostics crash when a graph
+    compiled with adapters meets a call without (global SGD between LoRA scoring phases)."""
     mode = h.compile
     if mode == "auto":
         mode = "regional" if runtime.device.type == "cuda" else "none"
     if mode == "none":
         return mode
     import torch._dynamo
+    torch._dynamo.reset()
     torch._dynamo.config.cache_size_limit = 128  # block variants x looping x eval/train shapes x LoRA TTT window lengths
     if mode == "regional":
         for block in model.blocks:
-            block.compile(dynamic=False)
-        model.head.compile(dynamic=False)
-        model.embed = torch.compile(model.embed, dynamic=False)  # fuses the SmearGate's elementwise work
+            block.compile(dynamic=dynamic)
+        model.head.compile(dynamic=dynamic)
+        model.embed = torch.compile(GPT.embed.__get__(model), dynamic=dynamic)  # fuses the SmearGate's elementwise work
     else:
-        model.compile(dynamic=False)
+        model.compile(dynamic=dynamic)
     return mode
 
 
