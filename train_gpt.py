@@ -1,16 +1,15 @@
 """Parameter Golf training script: train, quantize, pack and score a small language model.
 
-One readable file, launched as `torchrun --nproc_per_node=8 train_gpt.py` (or plain `python
-train_gpt.py` for one process, CPU included). It trains a GQA transformer with depth recurrence,
-parallel residuals and U-Net skips under a wallclock budget, averages the weights (EMA), squeezes
-them into a <= 16,000,000-byte artifact with full-Hessian GPTQ, reloads that artifact and reports
-bits per byte on the validation text (plain, sliding window and legal score-first TTT).
+One readable file, launched as `torchrun --nproc_per_node=8 train_gpt.py` (or plain `python train_gpt.py`
+for one process, CPU included). It trains a GQA transformer with depth recurrence, parallel residuals and
+U-Net skips under a wallclock budget, averages the weights (EMA), squeezes them into a <= 16,000,000-byte
+artifact with full-Hessian GPTQ, reloads it and reports bits per byte on the validation text (plain,
+sliding window and legal score-first TTT).
 
-Rules that keep it readable: every knob is an env var declared in the config section; there is one
-forward pass (`GPT.forward`) used by training, evaluation, GPTQ calibration and TTT alike; sections
-follow the data flow: config -> distributed/logging -> data -> model -> optimizers -> schedule ->
-quantization/packing -> evaluation/TTT -> main. The shipped submission copy of this file is
-generated (minified + compressed) by the script itself; this source stays readable.
+Rules that keep it readable: every knob is an env var declared in the config section; one forward pass
+(`GPT.forward`) serves training, evaluation, GPTQ calibration and TTT; sections follow the data flow:
+config -> distributed/logging -> data -> model -> optimizers -> schedule -> quantization/packing ->
+evaluation/TTT -> main. The shipped copy of this file is generated (minified + compressed) by the script.
 """
 from __future__ import annotations
 
@@ -22,7 +21,6 @@ import functools
 import glob
 import hashlib
 import importlib.metadata
-import io
 import json
 import linecache
 import math
@@ -109,8 +107,7 @@ def env_int(name: str, default: int, help: str, min_value: int | None = None, ma
     return _env_number(name, "int", default, help, min_value, max_value)
 
 
-def env_float(name: str, default: float, help: str, min_value: float | None = None,
-              max_value: float | None = None) -> float:
+def env_float(name: str, default: float, help: str, min_value: float | None = None, max_value: float | None = None) -> float:
     return _env_number(name, "float", default, help, min_value, max_value)
 
 
@@ -144,9 +141,8 @@ def config_section(name: str):
 
 
 class Hyperparameters:
-    """All knobs, in sections. Defaults are the best measured configuration (README "Choices").
-    `fixed` holds knob values read from an artifact (EVAL_ONLY, REQUANTIZE_FROM): they replace
-    the defaults, and an env var that disagrees with one of them is a ConfigError."""
+    """All knobs, in sections; defaults are the best measured configuration (README "Choices"). `fixed`: knob values
+    read from an artifact (EVAL_ONLY, REQUANTIZE_FROM); they replace the defaults, and a disagreeing env var is refused."""
 
     def __init__(self, fixed: dict | None = None) -> None:
         global _fixed
@@ -374,11 +370,10 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 
 class Comm:
-    """Every collective of the script, each one torch.distributed call with NCCL's semantics. gloo runs
-    the very same calls on CPU (torch >= 2.8 has reduce-scatter with AVG and all-gather into one tensor),
-    so the multi-process CPU tests run the slicing, padding and averaging the GPUs run. Without a process
-    group (plain `python`) each call is the identity; with one, even of a single rank, the real calls run.
-    async_op=True returns a handle to wait() on."""
+    """Every collective of the script, each one torch.distributed call with NCCL's semantics. gloo runs the same
+    calls on CPU (torch >= 2.8 has reduce-scatter with AVG and all-gather into one tensor), so the multi-process
+    CPU tests run the slicing, padding and averaging the GPUs run. Without a process group (plain `python`) each
+    call is the identity; with one, even of a single rank, the real calls run. async_op=True returns a handle."""
 
     def __init__(self, active: bool = False, store=None) -> None:
         self.active, self.store = active, store
@@ -413,9 +408,8 @@ class Comm:
         return holder[0]
 
     def first_failure(self, line: str) -> tuple[str, bool]:
-        """(the job's first failure line, whether it is this rank's): each failing rank offers its line to
-        the rendezvous store; the first one stays, so a rank whose collective broke because a peer died
-        reports the peer's error. Without a store (or with its host gone) a rank reports its own."""
+        """(the job's first failure line, whether it is this rank's): each failing rank offers its line to the store;
+        the first stays, so a rank whose collective broke because a peer died reports the peer's error."""
         if self.store is None:
             return line, True
         try:
@@ -427,8 +421,7 @@ class Comm:
 
 @dataclass
 class Runtime:
-    """Where this process runs: rank, world size, device and its collectives, set once by `setup_distributed`.
-    Built while a process group exists, it communicates through that group by default."""
+    """Where this process runs: rank, world size, device and collectives (through the process group if one exists)."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -448,18 +441,15 @@ class Runtime:
 
 
 def setup_distributed(timeout_seconds: float) -> Runtime:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK and gets a process group, even with one rank (so a one-GPU
-    torchrun run takes the 8-GPU code path); plain `python` is one process without one. NCCL on CUDA,
-    gloo on CPU. A collective that waits longer than timeout_seconds fails the job (NCCL's watchdog
-    ends the process), so a rank stuck or gone does not hold the others for NCCL's default 10 minutes."""
+    """torchrun: a process group (NCCL on CUDA, gloo on CPU) even with one rank, so one GPU takes the 8-GPU code
+    path; plain `python`: one process without one. A collective waiting over timeout_seconds fails the job, so a
+    rank stuck or gone does not hold the others for NCCL's default 10 minutes."""
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return Runtime(rank, world_size, local_rank, device)
     timeout = datetime.timedelta(seconds=timeout_seconds)
@@ -504,7 +494,6 @@ def log_nothing(msg: str = "", console: bool = True) -> None:
 # ==================================================================================================
 # Shard format (SPEC §2): 256 little-endian int32 header ([0]=20240520 magic, [1]=1 version,
 # [2]=n_tokens), then n_tokens little-endian uint16 ids. File size must be 1024 + 2*n_tokens.
-
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256
@@ -580,10 +569,11 @@ def read_dataset_manifest(dataset_dir: str) -> dict:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: unreadable manifest ({error}); rebuild the dataset or delete the file") from None
+
+
 def dataset_provenance(h: Hyperparameters, val_tokens: Tensor) -> dict:
-    """What the run is scored on, for the config event and records: the dataset's manifest.json (written by
-    data/prepare_docs.py or data/cached_challenge_fineweb.py), its validation documents (one BOS each) and
-    the tokenizer. Without a manifest only a FineWeb folder name is left to go on."""
+    """What the run is scored on, for the config event and records: the dataset's manifest.json, its validation
+    documents (one BOS each) and the tokenizer. Without a manifest only a FineWeb folder name is left to go on."""
     manifest, path = read_dataset_manifest(h.dataset_dir), Path(h.dataset_dir, "manifest.json")
     source = manifest.get("source", {})
     kind = {"local documents": "local_docs", "hub": "fineweb"}.get(source.get("kind"))
@@ -604,12 +594,9 @@ def _check_not_validation(files: list[str]) -> None:
 
 
 class TrainLoader:
-    """Training batches: non-overlapping (seq_len+1)-token windows in a SEED-shuffled global order.
-
-    Optimizer step s consumes the global windows [s*G, (s+1)*G) (G = sequences per step); rank r at
-    micro-step m reads its own contiguous slice of them, so the data seen per step is the same for
-    any world size. A background thread prepares the next micro-batch in pinned memory.
-    """
+    """Training batches: non-overlapping (seq_len+1)-token windows in a SEED-shuffled global order. Step s consumes
+    the global windows [s*G, (s+1)*G) (G = sequences per step), each rank at each micro-step its own contiguous slice,
+    so the data per step is the same for any world size. A background thread prepares the next micro-batch (pinned)."""
 
     def __init__(self, files: list[str], seq_len: int, micro_batch_seqs: int, grad_accum_steps: int,
                  runtime: Runtime, seed: int, vocab_size: int) -> None:
@@ -619,12 +606,8 @@ class TrainLoader:
         self.files = list(files)
         # Plain ndarray views of the memory maps (cheaper to slice); ids are range-checked per batch, not by a full scan.
         self.shards = [np.asarray(read_shard(f)) for f in self.files]
-        self.window = seq_len + 1
-        self.micro_batch_seqs = micro_batch_seqs
-        self.grad_accum_steps = grad_accum_steps
-        self.seed = seed
-        self.vocab_size = vocab_size
-        self.device = runtime.device
+        self.window, self.micro_batch_seqs, self.grad_accum_steps = seq_len + 1, micro_batch_seqs, grad_accum_steps
+        self.seed, self.vocab_size, self.device = seed, vocab_size, runtime.device
         self.pin_memory = torch.cuda.is_available() and runtime.device.type == "cuda"
         # A window never crosses a shard end. The count per shard is the same for every phase in
         # [0, seq_len], so an epoch always has the same length and a global index maps to (epoch, slot).
@@ -797,10 +780,9 @@ def is_caseops(sp, manifest: dict) -> bool:
 
 
 def validation_target_bytes(dataset_dir: str, val_tokens: Tensor, tables: ByteTables, caseops: bool, log=log_nothing) -> Tensor:
-    """Bytes of every target (int32 [len(val_tokens) - 1]; target i is val_tokens[i+1]): the bpb denominator
-    of every evaluation. From the dataset's byte side-car when it has one (entry j = original UTF-8 bytes of
-    token j), else from the tokenizer's tables. CaseOps pieces spell the transformed text, not the original,
-    so a CaseOps dataset must have the side-car; one with a small validation split gets a warning."""
+    """Bytes of every target (int32 [len(val_tokens) - 1]; target i is val_tokens[i+1]), the bpb denominator: from the
+    dataset's byte side-car if any (entry j = original UTF-8 bytes of token j), else the tokenizer's tables. CaseOps
+    pieces spell the transformed text, not the original, so a CaseOps dataset must have the side-car."""
     sidecars = sorted(glob.glob(os.path.join(dataset_dir, BYTE_SIDECAR_GLOB)))
     if not sidecars:
         if caseops:
