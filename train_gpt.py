@@ -806,11 +806,9 @@ def validation_target_bytes(dataset_dir: str, val_tokens: Tensor, tables: ByteTa
 # Model
 # ==================================================================================================
 def select_attention_backend(device: torch.device, unavailable: list[str] | None = None, doc_masked: bool = False) -> str:
-    """The first that works of: FA3 (flash_attn_interface); FA4 (pip install flash-attn-4) run as SDPA's
-    flash backend through torch's flash-attention registry, which this activates; SDPA with the cuDNN
-    backend. With document masking on CUDA: FlexAttention with a block mask (as fast as cuDNN's causal
-    kernel, measured: docs/BENCHMARKS.md). SDPA's default on CPU (with an explicit mask when documents
-    are masked). Why each skipped one is unusable is appended to `unavailable`."""
+    """On CUDA the first that works of FA3 (flash_attn_interface), FA4 (pip install flash-attn-4; activated here as SDPA's
+    flash backend) and SDPA with cuDNN; with document masking FlexAttention with a block mask (as fast as cuDNN's causal
+    kernel: docs/BENCHMARKS.md). SDPA's default on CPU. Why each skipped one is unusable is appended to `unavailable`."""
     unavailable = [] if unavailable is None else unavailable
     if device.type != "cuda":
         return "sdpa"
@@ -845,11 +843,10 @@ def document_segments(input_ids: Tensor, span: int | None) -> Tensor:
 
 
 def attention_mask(segments: Tensor, backend: str, block: int = 128):
-    """What causal_attention takes to keep each query inside its segment: for SDPA the segment ids
-    themselves; for FlexAttention a BlockMask (built once per forward, shared by every layer) from
-    block-level segment ranges, since segment ids never decrease along a row: kv block j is skipped for
-    query block i when its last segment precedes i's first, kept whole when j < i and both lie in one
-    segment, and masked element-wise otherwise (8x cheaper than create_block_mask's pairwise scan)."""
+    """What causal_attention takes to keep each query in its segment: for SDPA the segment ids; for FlexAttention a
+    BlockMask (one per forward, shared by every layer) from block-level segment ranges, since segment ids never decrease
+    along a row: kv block j is skipped for query block i when its last segment precedes i's first, kept whole when j < i
+    and both lie in one segment, else masked element-wise (8x cheaper than create_block_mask's pairwise scan)."""
     if backend != "flex":
         return segments
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask
@@ -872,8 +869,7 @@ def attention_mask(segments: Tensor, backend: str, block: int = 128):
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, mask=None) -> Tensor:
-    """Causal GQA attention. q [B,T,H,D], k/v [B,T,KV,D] -> [B,T,H,D]. With a mask (attention_mask) a
-    query also sees only keys of its own segment."""
+    """Causal GQA attention, q [B,T,H,D], k/v [B,T,KV,D] -> [B,T,H,D]; with a mask (attention_mask) within segments."""
     if mask is not None:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if backend == "flex":
@@ -937,8 +933,7 @@ SCALAR = Role("scalar", "fp16")  # gains, mixes, scales: AdamW, stored in fp16
 
 
 def declare(module: nn.Module, name: str, value: Tensor, role: Role) -> nn.Parameter:
-    """Register `value` as parameter `name` of `module` with its role (kept in module.roles, which,
-    unlike attributes of a Parameter, survives deepcopy)."""
+    """Register `value` as parameter `name` of `module` with its role (module.roles, unlike Parameter attributes, survives deepcopy)."""
     param = nn.Parameter(value)
     module.register_parameter(name, param)
     module.__dict__.setdefault("roles", {})[name] = role
@@ -953,10 +948,7 @@ class CastedLinear(nn.Linear):
                  role: Role | None = None) -> None:
         super().__init__(in_features, out_features, bias=False)
         self.roles = {"weight": role or Role("muon", quant, "input")}
-        if zero_init:
-            nn.init.zeros_(self.weight)
-        else:
-            nn.init.orthogonal_(self.weight)
+        (nn.init.zeros_ if zero_init else nn.init.orthogonal_)(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.to(x.dtype))
@@ -1104,10 +1096,9 @@ def softcap(z: Tensor, cap_pos: Tensor, cap_neg: Tensor) -> Tensor:
 
 def softcap_cross_entropy(z: Tensor, target_ids: Tensor, cap_pos: Tensor, cap_neg: Tensor,
                           hint_ids: Tensor | None = None, fused: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Per-token fp32 loss of softcapped logits: nll = logsumexp(zc) - zc[target], zc = softcap(z).
-    z [N, V] raw logits (any float dtype), targets [N]; the caps are 0-dim tensors and receive
-    gradients. With hint_ids [N] it also returns -log p(hint) from the same distribution (no grad).
-    fused=True runs the Triton kernel (Kernels section) where Triton can run; this body is its reference."""
+    """Per-token fp32 loss of softcapped logits: nll = logsumexp(zc) - zc[target], zc = softcap(z), z [N, V] raw logits
+    (any float dtype), targets [N], caps 0-dim tensors (they get gradients). With hint_ids [N] also -log p(hint) from the
+    same distribution (no grad). fused=True: the Triton kernel where Triton can run; this body is its reference."""
     if fused and triton_runs_on(z):
         nll, _, hint_nll = torch.ops.pgolf.softcap_ce(z.contiguous(), target_ids, cap_pos, cap_neg, hint_ids)
         return nll, (None if hint_ids is None else hint_nll.detach())
@@ -1119,13 +1110,12 @@ def softcap_cross_entropy(z: Tensor, target_ids: Tensor, cap_pos: Tensor, cap_ne
 
 
 # --------------------------------------------------------------------------------------------------
-# Kernels (Triton): fused LeakyReLU(0.5)^2 MLP and fused softcapped cross-entropy. Each replaces a
-# plain PyTorch expression that stays the CPU path and the tests' reference:
+# Kernels (Triton): fused LeakyReLU(0.5)^2 MLP and fused softcapped cross-entropy. Each replaces a plain PyTorch
+# expression that stays the CPU path and the tests' reference:
 #   MLP.forward:            y = down(leaky_relu(up(x), 0.5)^2)
 #   softcap_cross_entropy:  nll = logsumexp(zc) - zc[target], zc = softcap(z)
-# They run where Triton can run them (CUDA tensors; any tensor under TRITON_INTERPRET=1) unless
-# FUSED_KERNELS=off. Triton is imported on first use. The launches sit inside torch.library ops, so
-# torch.compile sees one opaque op with a shape function instead of tracing into Triton.
+# They run where Triton can (CUDA tensors; any tensor under TRITON_INTERPRET=1) unless FUSED_KERNELS=off; Triton is
+# imported on first use. The launches sit in torch.library ops: torch.compile sees one opaque op, not Triton.
 # --------------------------------------------------------------------------------------------------
 def triton_available() -> bool:
     """Triton >= 3.4 is installed (host-side TMA descriptors, autotune result caching); not imported here."""
@@ -1375,9 +1365,8 @@ softcap_ce.register_autograd(_softcap_ce_grad, setup_context=_softcap_ce_setup)
 
 
 class SoftcapHead(nn.Module):
-    """Tied output head and loss: logits = softcap(h @ E^T) in fp32 (the matmul in the activations'
-    dtype); per-token cross-entropy if targets are given. A parameterless module (E and the caps
-    (c+, c-) are passed in) so that it can be compiled on its own."""
+    """Tied output head and loss: logits = softcap(h @ E^T) in fp32 (matmul in the activations' dtype), cross-entropy if
+    targets are given. Parameterless (E and the caps (c+, c-) are passed in) so that it can be compiled on its own."""
 
     def __init__(self, fused: bool = False) -> None:
         super().__init__()
@@ -1401,8 +1390,7 @@ class SoftcapHead(nn.Module):
 
 @contextlib.contextmanager
 def looping_enabled(model: nn.Module):
-    """Evaluation, GPTQ calibration and TTT always run the model with depth recurrence; the
-    previous flag (training may not have switched it on yet) is restored afterwards."""
+    """Evaluation, GPTQ calibration and TTT always run with depth recurrence; the previous flag is restored afterwards."""
     previous, model.looping = model.looping, True
     try:
         yield model
@@ -1421,8 +1409,7 @@ def loop_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: in
 
 
 class GPT(nn.Module):
-    """The model. forward(input_ids, target_ids, reduction) is the single forward path used by
-    training, evaluation, GPTQ calibration and TTT. Set `looping` to switch depth recurrence."""
+    """The model; forward() is the one forward path of training, evaluation, GPTQ calibration and TTT; `looping` switches recurrence."""
 
     def __init__(self, h: Hyperparameters, backend: str = "sdpa") -> None:
         super().__init__()
@@ -1550,8 +1537,7 @@ def newton_schulz(g: Tensor, steps: int, polar_express: bool) -> Tensor:
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
-    # Polar Express's coefficients were derived for a spectrum shrunk by a 2% safety factor (1.02,
-    # as in modded-nanogpt, the source of these coefficients).
+    # Polar Express's coefficients assume a spectrum shrunk by a 2% safety factor (1.02, as in modded-nanogpt, their source).
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * (1.02 if polar_express else 1.0) + 1e-7)
     for i in range(steps):
         a, b, c = NS_POLAR_EXPRESS[min(i, len(NS_POLAR_EXPRESS) - 1)] if polar_express else NS_CLASSIC
@@ -1563,23 +1549,18 @@ def newton_schulz(g: Tensor, steps: int, polar_express: bool) -> Tensor:
 
 
 class MuonBank:
-    """Same-shape matrices trained together. Gradients are stacked into one [n_pad, rows, cols]
-    tensor (n_pad = n rounded up to the world size); each rank owns n_pad/world of them: it keeps
-    their momentum and orthogonalises them, and the updates are all-gathered."""
+    """Same-shape matrices trained together. Gradients are stacked into one [n_pad, rows, cols] tensor (n_pad = n rounded
+    up to the world size); each rank owns n_pad/world of them (momentum, orthogonalisation); updates are all-gathered."""
 
     def __init__(self, params: list[nn.Parameter], runtime: Runtime) -> None:
-        self.params = params
-        self.runtime = runtime
-        world = runtime.world_size
+        self.params, world = params, runtime.world_size
         self.n_pad = math.ceil(len(params) / world) * world
         self.n_local = self.n_pad // world
-        rows, cols = params[0].shape
-        self.shape = (rows, cols)
-        self.momentum = torch.zeros(self.n_local, rows, cols, device=params[0].device, dtype=params[0].dtype)
+        self.shape = tuple(params[0].shape)  # (rows, cols)
+        self.momentum = params[0].new_zeros(self.n_local, *self.shape)
 
     def stacked_grads(self) -> Tensor:
-        rows, cols = self.shape
-        g = torch.zeros(self.n_pad, rows, cols, device=self.params[0].device, dtype=self.params[0].dtype)
+        g = self.params[0].new_zeros(self.n_pad, *self.shape)
         for i, p in enumerate(self.params):
             if p.grad is not None:
                 g[i].copy_(p.grad)
@@ -1587,11 +1568,9 @@ class MuonBank:
 
 
 class Optimizers:
-    """One step of the whole optimizer: gradient averaging across ranks (no DDP), global norm clip,
-    row-normalised Muon on the block matrices (sharded by banks) and AdamW on everything else.
-
-    Muon (SPEC §4): b = mu*b + g; u = g + mu*b (Nesterov); each row of u divided by its L2 norm;
-    u = NewtonSchulz(u) * sqrt(max(1, rows/cols)); W *= 1 - lr*wd; W -= lr*u."""
+    """One step of the whole optimizer: gradient averaging across ranks (no DDP), global norm clip, row-normalised Muon
+    on the block matrices (sharded by banks), AdamW on the rest. Muon (SPEC §4): b = mu*b + g; u = g + mu*b (Nesterov);
+    each row of u divided by its L2 norm; u = NewtonSchulz(u) * sqrt(max(1, rows/cols)); W *= 1 - lr*wd; W -= lr*u."""
 
     def __init__(self, model: GPT, h: Hyperparameters, runtime: Runtime) -> None:
         self.h, self.runtime = h, runtime
@@ -1609,8 +1588,7 @@ class Optimizers:
 
     @torch.no_grad()
     def step(self, lr_mult: float, muon_momentum: float) -> Tensor:
-        """Apply one update from the accumulated .grad of every parameter; returns the global grad norm
-        as a device tensor (reading it would force a host sync every step)."""
+        """One update from every parameter's accumulated .grad; returns the global grad norm as a tensor (no host sync)."""
         comm, world = self.runtime.comm, self.runtime.world_size
         # 1) Launch gradient averaging: each bank reduce-scattered (this rank receives the mean gradient
         #    of the n_local matrices it owns), AdamW grads packed into one all-reduce.
@@ -1648,28 +1626,23 @@ class Optimizers:
         return grad_norm
 
     def _muon_update(self, bank: MuonBank, g: Tensor, momentum: float) -> Tensor:
-        buf = bank.momentum
-        buf.mul_(momentum).add_(g)
-        u = g + momentum * buf
+        bank.momentum.mul_(momentum).add_(g)
+        u = g + momentum * bank.momentum
         u = u / (u.norm(dim=-1, keepdim=True) + 1e-7)  # row normalisation (MuonEq-R)
         u = newton_schulz(u, self.h.muon_ns_steps, self.h.muon_polar_express)
-        rows, cols = bank.shape
-        return u * math.sqrt(max(1.0, rows / cols))
+        return u * math.sqrt(max(1.0, bank.shape[0] / bank.shape[1]))
 
     def _apply(self, bank: MuonBank, updates: Tensor, work, lr: float) -> None:
         work.wait()
-        decay = 1.0 - lr * self.h.muon_wd
-        params = bank.params
-        torch._foreach_mul_(params, decay)
-        torch._foreach_add_(params, list(updates[: len(params)].unbind(0)), alpha=-lr)
+        torch._foreach_mul_(bank.params, 1.0 - lr * self.h.muon_wd)
+        torch._foreach_add_(bank.params, list(updates[: len(bank.params)].unbind(0)), alpha=-lr)
 
     def zero_grad(self) -> None:
         for p in [p for bank in self.banks for p in bank.params] + self.adam_params:
             p.grad = None
 
     def state_dict(self) -> dict:
-        return {"adam": copy.deepcopy(self.adam.state_dict()),
-                "muon": [bank.momentum.clone() for bank in self.banks]}
+        return {"adam": copy.deepcopy(self.adam.state_dict()), "muon": [bank.momentum.clone() for bank in self.banks]}
 
     def load_state_dict(self, state: dict) -> None:
         self.adam.load_state_dict(copy.deepcopy(state["adam"]))
