@@ -1715,11 +1715,10 @@ class WeightAverager:
 # ==================================================================================================
 # Quantization and packing: GPTQ int6/int8 with SDClip, byte shuffle, compression, shipped code
 # ==================================================================================================
-# Pipeline: collect_hessians -> quantize_and_pack (GPTQ + SDClip, budget search, serialise, byte
-# shuffle, compress) -> load_artifact (exact inverse). Artifact layout before compression:
-#   uint32 header length | JSON header (names, kinds, shapes) | int8 values of every quantized
-#   tensor, in header order | byte-shuffled fp16 section (row scales, then small tensors).
-# Compressed blob: 1-byte compressor tag | uint32 chunk count | uint32 chunk sizes | chunks.
+# Pipeline: collect_hessians -> quantize_and_pack (GPTQ + SDClip, budget search, serialise, byte shuffle, compress)
+# -> load_artifact (exact inverse). Layout before compression: uint32 header length | JSON header (names, kinds,
+# shapes) | int8 values of every quantized tensor, in header order | byte-shuffled fp16 section (row scales, then
+# small tensors). Compressed blob: 1-byte compressor tag | uint32 chunk count | uint32 chunk sizes | chunks.
 
 CLIP_SCALE_RANGE = (0.25, 4.0)       # budget search range of the multiplier on the clip sigmas
 BUDGET_AIM = 0.998                   # aim 0.2% under the target: the size model drifts ~0.1% between scales
@@ -1753,10 +1752,9 @@ class ArtifactBudgetError(RuntimeError):
 
 
 def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, Tensor]:
-    """H = sum X^T X (fp32) of each GPTQ'd parameter's declared Hessian source (Role.hessian: its
-    linear's input, or for the tied embedding the final-norm output), on (x, y) training batches with looping on. Hooks ride
-    the model's own forward (run eagerly: a compiled wrapper is bypassed); looped layers add every
-    call. Summed over ranks. Keys are state_dict names."""
+    """H = sum X^T X (fp32) of each GPTQ'd parameter's Hessian source (Role.hessian: its linear's input, or for the tied
+    embedding the final-norm output) on (x, y) training batches with looping on, by hooks on the model's own forward, run
+    eagerly (compiled regions would bypass them); looped layers add every call. Summed over ranks; state_dict names."""
     hessians: dict[str, Tensor] = {}
 
     def accumulate(name: str, x: Tensor) -> None:
@@ -1774,7 +1772,6 @@ def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, T
             elif role.hessian == "head":
                 hooks.append(model.final_norm.register_forward_hook(lambda m, inputs, out, name=name: accumulate(name, out)))
     try:
-        # Compiled regions would bypass the hooks: run this forward eagerly.
         with looping_enabled(model), torch.no_grad(), torch.compiler.set_stance("force_eager"):
             for x, y in batches:
                 model(x, y)
@@ -1791,8 +1788,7 @@ def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, T
 
 @dataclass
 class GPTQPlan:
-    """Scale-independent GPTQ work for matrices sharing one Hessian (q/k/v share their input):
-    rows stacked, column order, and the upper Cholesky factor of the damped inverse Hessian."""
+    """Scale-independent GPTQ work of matrices sharing one Hessian (q/k/v share their input), rows stacked."""
     names: list[str]
     row_counts: list[int]
     weight: Tensor        # [rows, cols] fp32, dead columns zeroed, original column order
@@ -1841,10 +1837,9 @@ def quantize_rtn(weight: Tensor, scale: Tensor, bits: int) -> Tensor:
 
 def gptq_quantize(weight: Tensor, perm: Tensor, hinv_upper: Tensor, scale: Tensor, bits: int,
                   block_size: int, fine: Tensor | None = None) -> Tensor:
-    """GPTQ (Frantar et al. 2022): quantize columns in act-order; each column's error, divided by
-    U_jj, is pushed onto the later columns along row j of U (within the block at once, after the
-    block as one matmul). fine: optional [rows, cols] steps of AWQ-lite's protected entries (0 elsewhere),
-    coded in +-127 at that step with the same error feedback. Returns int8 [rows, cols] in the original column order."""
+    """GPTQ (Frantar et al. 2022): quantize columns in act-order; each column's error / U_jj is pushed onto the later
+    columns along row j of U (within the block at once, after it as one matmul). fine: optional [rows, cols] steps of
+    AWQ-lite's protected entries (0 elsewhere), coded in +-127. Returns int8 [rows, cols] in the original column order."""
     fine = torch.zeros_like(weight) if fine is None else fine
     step = torch.where(fine > 0, fine, scale[:, None])[:, perm]
     limit = torch.where(fine > 0, 127.0, float(2 ** (bits - 1) - 1))[:, perm]
@@ -1874,8 +1869,7 @@ def gptq_settings(quant: str, h: Hyperparameters) -> tuple[int, float]:
 
 def plan_quantization(state: dict[str, Tensor], roles: dict[str, Role], hessians: dict[str, Tensor],
                       h: Hyperparameters, device: torch.device) -> list[GPTQPlan]:
-    """One GPTQPlan per (quant group, distinct Hessian) among the GPTQ'd tensors: q/k/v share their
-    input, so their rows are stacked and quantized together."""
+    """One GPTQPlan per (quant group, distinct Hessian) of the GPTQ'd tensors: q/k/v rows are quantized together."""
     groups: list[tuple[str, Tensor, list[str]]] = []
     for name in state:
         quant = roles[name].quant
@@ -1914,9 +1908,8 @@ def quantize_absmax_rows(weight: Tensor, top: float = 127, low: int = -127, high
 
 
 def plan_scales(plan: GPTQPlan, clip_scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(row scales, 8-bit row scales, fine steps [rows, cols]) of a stacked plan: SDClip per original row,
-    clip sigmas times the searched multiplier; AWQ-lite's columns (plan.awq) keep that clip range with
-    8-bit steps (fine = k*std(row)/127 there, 0 elsewhere)."""
+    """(row scales, 8-bit row scales, fine steps [rows, cols]) of a plan: SDClip per row at clip sigmas x the searched
+    multiplier; AWQ-lite's columns (plan.awq) keep that clip range with 8-bit steps (fine = k*std(row)/127, else 0)."""
     scale, fine_scale = (sdclip_scales(plan.weight, bits, plan.clip_sigmas * clip_scale) for bits in (plan.bits, 8))
     fine = torch.zeros_like(plan.weight)
     for name, part, s_part in zip(plan.names, fine.split(plan.row_counts), fine_scale.split(plan.row_counts)):
@@ -1927,9 +1920,8 @@ def plan_scales(plan: GPTQPlan, clip_scale: float) -> tuple[Tensor, Tensor, Tens
 
 def quantize_state(state: dict[str, Tensor], roles: dict[str, Role], plans: list[GPTQPlan], clip_scale: float,
                    block_size: int) -> dict[str, dict]:
-    """Every tensor as its Role says, on CPU: GPTQ groups at this clip scale and gates as
-    {"q": int8, "scale": fp16 per row}; the rest as {"fp16": tensor}. A tensor with AWQ-lite columns adds
-    "awq" (their [start, end) ranges) and "awq_scale" (fp16 8-bit step per row)."""
+    """Every tensor as its Role says, on CPU: GPTQ groups at this clip scale and gates as {"q": int8, "scale": fp16 per
+    row}, the rest as {"fp16": tensor}; AWQ-lite adds "awq" ([start, end) columns) and "awq_scale" (fp16 per row)."""
     quantized: dict[str, dict] = {}
     for plan in plans:
         scale, fine_scale, fine = plan_scales(plan, clip_scale)
@@ -2000,8 +1992,7 @@ def byte_unshuffle(data: bytes, dtype) -> np.ndarray:
 
 
 def serialize(quantized: dict[str, dict]) -> bytes:
-    """Raw layout (see the section comment): smaller than torch.save, which adds pickle, zip headers
-    and 64-byte alignment per tensor."""
+    """Raw layout (section comment): smaller than torch.save (pickle, zip headers, 64-byte alignment per tensor)."""
     header, int8_parts, fp16_scales, fp16_values = [], [], [], []
     for name, entry in quantized.items():
         if "q" in entry:  # AWQ-lite's column ranges ride in the header, its per-row scales after the row scales
@@ -2053,8 +2044,7 @@ def require_compressor(name: str):
 
 
 def compress(data: bytes, compressor: str) -> bytes:
-    """Fixed-size chunks (so the output does not depend on the machine) compressed in parallel child
-    processes, one per CPU core at a time; framed as tag | count | sizes | chunks."""
+    """Fixed-size chunks (output independent of the machine) compressed in parallel child processes, one per core."""
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
     require_compressor(compressor)
@@ -2105,8 +2095,7 @@ COUNT_LEVELS = np.array(sorted(set(range(1, 16)) | {m << e for m in range(8, 16)
 
 
 def code_frequencies(codes: np.ndarray) -> np.ndarray:
-    """rANS frequencies [tables, symbols] summing to 2^16, >= 1 for every symbol present. Integer
-    arithmetic only, so that encoder and decoder agree on any machine."""
+    """rANS frequencies [tables, symbols] summing to 2^16, >= 1 per symbol present; integers only (any machine agrees)."""
     v = np.where(codes > 0, COUNT_LEVELS[np.maximum(codes.astype(np.int64) - 1, 0)], 0)
     v[:, 0] += v.sum(1) == 0  # an empty class still needs a valid table
     f = np.where(v > 0, np.maximum(v * 65536 // v.sum(1, keepdims=True), 1), 0)
@@ -2154,8 +2143,7 @@ def rans_encode(freq: np.ndarray, start: np.ndarray) -> bytes:
 
 
 def rans_decode(data: bytes, tables: np.ndarray, freq: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """Inverse of rans_encode for symbols whose tables [steps, lanes] are known; freq and start are
-    [tables, 256]. Returns the symbols [steps, lanes]."""
+    """Inverse of rans_encode: symbols [steps, lanes] given their tables [steps, lanes]; freq and start [tables, 256]."""
     x = np.frombuffer(data, "<u8", tables.shape[1]).astype(np.uint64)
     words = np.frombuffer(data, "<u4", offset=8 * tables.shape[1]).astype(np.uint64)
     owner = np.repeat(np.arange(freq.size, dtype=np.uint32), freq.ravel().astype(np.int64))  # slot -> table*256 + symbol
@@ -2172,8 +2160,8 @@ def rans_decode(data: bytes, tables: np.ndarray, freq: np.ndarray, start: np.nda
 
 
 def rans_tables(models: list, shapes: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(table of every int [steps, lanes], freq [tables, 256], start) for the tensors' class models
-    [(axis, labels, codes)]; a last table of one certain symbol (0 bits) pads the last step."""
+    """(table of every int [steps, lanes], freq [tables, 256], start) of the class models [(axis, labels, codes)]; a last
+    table of one certain symbol (0 bits) pads the last step."""
     codes = np.zeros((sum(len(m[2]) for m in models) + 1, 256), np.uint8)
     codes[-1, 0], parts, base = 1, [np.zeros(0, np.int32)], 0
     for (axis, labels, table_codes), shape in zip(models, shapes):
@@ -2244,8 +2232,7 @@ def int_entropy_bytes(q: Tensor) -> float:
 
 
 def rtn_entropy_bytes(plans: list[GPTQPlan], clip_scale: float) -> float:
-    """Entropy bytes of every quantized tensor rounded to nearest at this clip scale (on the plans'
-    device; per tensor, since the compressor adapts to each tensor's statistics)."""
+    """Entropy bytes of every tensor rounded to nearest at this clip scale (per tensor: the coder adapts to each)."""
     total = 0.0
     for plan in plans:
         scale, _, fine = plan_scales(plan, clip_scale)
@@ -2268,8 +2255,8 @@ def byte_groups(quantized: dict[str, dict], roles: dict[str, Role]) -> dict[str,
 
 
 def search_clip_scale(predict, target: float) -> float:
-    """Bisect log(clip scale) for predict(scale) = target; predict decreases with the scale (a wider
-    step leaves fewer distinct levels, so lower entropy). Returns the upper bound if it cannot fit."""
+    """Bisect log(clip scale) for predict(scale) = target (predict decreases: a wider step, fewer levels, lower entropy);
+    the upper bound if it cannot fit."""
     low, high = (math.log(x) for x in CLIP_SCALE_RANGE)
     if predict(math.exp(low)) <= target:
         return math.exp(low)
@@ -2281,16 +2268,12 @@ def search_clip_scale(predict, target: float) -> float:
 
 def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperparameters, reserved_bytes: int,
                       log=log_nothing) -> tuple[bytes, dict]:
-    """GPTQ-quantize the model's weights and fit the artifact budget; return (compressed blob, report).
-
-    target = (ARTIFACT_TARGET_BYTES or 16,000,000) - reserved_bytes (the shipped code and the
-    artifact's config header). A global multiplier on the clip
-    sigmas is searched: size(scale) ~ c * sum_t n_t*H(RTN ints at scale) + fp16 part + LQER/AWQ-lite side
-    bytes (last round's), where H is the order-0 entropy (cheap), and c is calibrated on each exact GPTQ + compression round (it folds in
-    the compressor's overhead and GPTQ's slightly wider ints); typically two rounds. Scale-independent
-    GPTQ work (act order, Cholesky factors) is done once. Hessians and weights are used on the
-    Hessians' device (GPU: fast; CPU works). Deterministic, so running it on every rank gives the same blob;
-    run it on one rank to save time (compression uses every CPU core)."""
+    """GPTQ-quantize the model's weights to fit the artifact budget; return (compressed blob, report). target =
+    (ARTIFACT_TARGET_BYTES or 16,000,000) - reserved_bytes (shipped code, config header). A global multiplier on the clip
+    sigmas is searched: size(scale) ~ c * sum_t n_t*H(RTN ints at scale) + fp16 part + LQER/AWQ-lite side bytes (last
+    round's), H the order-0 entropy (cheap), c calibrated on each exact GPTQ + compression round (it folds in the coder's
+    overhead and GPTQ's slightly wider ints); typically two rounds. Scale-independent GPTQ work (act order, Cholesky
+    factors) is done once, on the Hessians' device. Deterministic: one rank runs it and shares the blob."""
     started = time.perf_counter()
     state = {name: t.detach() for name, t in model.state_dict().items()}
     device = next(iter(hessians.values())).device if hessians else torch.device("cpu")
@@ -2417,14 +2400,12 @@ SHIPPED_STUB = '# coding: latin-1\nimport lzma as L\nSHIPPED_SOURCE=L.decompress
 
 
 def read_script_source() -> str:
-    """This script's source: the readable file, or the minified source when running the shipped copy
-    (so build_submission_code(read_script_source()) measures the same bytes either way)."""
+    """This script's source: the readable file, or the minified source when running the shipped copy."""
     return globals().get("SHIPPED_SOURCE") or Path(__file__).read_text(encoding="utf-8")
 
 
 def minify_source(source: str) -> str:
-    """Docstrings dropped and the code re-printed by ast.unparse (no comments, canonical spacing).
-    Idempotent: minifying the minified source gives it back."""
+    """Docstrings dropped, code re-printed by ast.unparse (no comments, canonical spacing); idempotent."""
     tree = ast.parse(source)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -2436,19 +2417,17 @@ def minify_source(source: str) -> str:
 
 
 def latin1_literal(data: bytes) -> str:
-    """Bytes as the inside of a "..." literal in a latin-1 source file: 1 char per byte except the
-    few that a one-line string cannot hold (NUL, newlines, quote, backslash) - ~3% overhead vs 25% for
-    base85."""
+    """Bytes as the inside of a "..." literal in a latin-1 source file: 1 char per byte except NUL, newlines, quote and
+    backslash (~3% overhead vs 25% for base85)."""
     escapes = {0: "\\x00", 10: "\\n", 13: "\\r", 34: '\\"', 92: "\\\\"}
     return "".join(escapes.get(b, chr(b)) for b in data)
 
 
 def build_submission_code(source: str) -> bytes:
-    """The shipped copy of this script: minified, lzma-compressed (stdlib, so the stub needs nothing
-    installed; FORMAT_ALONE has the smallest header), wrapped in a self-extracting exec stub."""
+    """The shipped copy of this script: minified, lzma-compressed (stdlib: the stub needs nothing installed;
+    FORMAT_ALONE has the smallest header), wrapped in a self-extracting exec stub."""
     import lzma
-    packed = lzma.compress(minify_source(source).encode("utf-8"), format=lzma.FORMAT_ALONE,
-                           preset=9 | lzma.PRESET_EXTREME)
+    packed = lzma.compress(minify_source(source).encode("utf-8"), format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME)
     return SHIPPED_STUB.replace("{payload}", latin1_literal(packed)).encode("latin-1")
 
 
