@@ -2082,11 +2082,11 @@ def decompress(blob: bytes) -> bytes:
     return b"".join(parts)
 
 
-# rANS coder for the quantized ints (COMPRESSOR=rans; numpy only). The columns (or rows) of each int
-# tensor are clustered into k classes of similar value distributions (k = 1 when classes do not pay
-# for their labels); each class gets a symbol table, and all ints go through one interleaved rANS
-# stream at ~the entropy under those tables. Header, fp16 section, labels and tables go through lzma.
-# Blob: b"R" | uint32 side length | lzma(side) | uint64 lane states | uint32 words.
+# rANS coder for the quantized ints (COMPRESSOR=rans; numpy only). The columns (or rows) of each int tensor are
+# clustered into k classes of similar value distributions (k = 1 when classes do not pay for their labels), each with a
+# symbol table; all ints go through one interleaved rANS stream at ~the entropy under those tables; header, fp16
+# section, labels and tables through lzma. Blob: b"R" | uint32 side length | lzma(side) | uint64 lane states | uint32
+# words.
 RANS_LANES = 1024                    # interleaved states: numpy steps = ints / lanes; 8 bytes each
 RANS_CLASSES = (1, 2, 4, 8)          # class counts tried per tensor and axis
 # Tables store counts as uint8 codes (0 = absent, else 1 + index of the level <= count): exact below
@@ -2446,11 +2446,10 @@ class EvalResult:
     gated: int = 0                      # scored targets where the n-gram tilt fired
 
 
-# A scoring plan is an int64 tensor of windows, one row (start, score_from, score_to) each, in
-# target indices: target i is val_tokens[i+1], predicted from val_tokens[:i+1]. A window feeds the
-# model inputs val_tokens[start:score_to] (at most EVAL_SEQ_LEN of them) and scores the targets
-# [score_from, score_to). Positions past score_to are padding, so a window never reads a token past
-# the last target it scores, and every forward has the static shape [batch, EVAL_SEQ_LEN].
+# A scoring plan is an int64 tensor of windows (start, score_from, score_to) in target indices (target i is
+# val_tokens[i+1], predicted from val_tokens[:i+1]): a window feeds the model val_tokens[start:score_to] (at most
+# EVAL_SEQ_LEN) and scores targets [score_from, score_to). Positions past score_to are padding: a window never reads
+# past its last target, and every forward has the static shape [batch, EVAL_SEQ_LEN].
 PAD_ID = 0
 
 
@@ -2509,12 +2508,11 @@ def rank_share(begin: int, end: int, runtime: Runtime) -> tuple[int, int]:
     return begin + n * runtime.rank // runtime.world_size, begin + n * (runtime.rank + 1) // runtime.world_size
 
 
-# N-gram tilt (FRONTIER §1). The hint of target i (= val_tokens[i+1]) is the token that most often
-# followed the same NGRAM_TILT_ORDER-1 tokens val_tokens[i-order+2 : i+1] earlier in the stream (across
-# documents; ties: the token that reached the top count first), read BEFORE the update with target i, so it depends on
-# val_tokens[:i+1] only; it fires where top_count/total >= NGRAM_TILT_THRESHOLD. There the scored
-# distribution becomes p'(a) = p(a)*e^(b*[a=h]) / Z, Z = 1 + p(h)*(e^b - 1), normalised in closed form:
-# nll' = nll - b*[y=h] + log1p(p(h)*expm1(b)). Training and TTT updates use the untilted loss.
+# N-gram tilt (FRONTIER §1). The hint of target i (= val_tokens[i+1]) is the token that most often followed the same
+# NGRAM_TILT_ORDER-1 tokens val_tokens[i-order+2 : i+1] earlier in the stream (across documents; ties: the first to
+# reach the top count), read BEFORE the update with target i, so it depends on val_tokens[:i+1] only; it fires where
+# top_count/total >= NGRAM_TILT_THRESHOLD. There p'(a) = p(a)*e^(b*[a=h]) / Z, Z = 1 + p(h)*(e^b - 1): nll' = nll -
+# b*[y=h] + log1p(p(h)*expm1(b)). Training and TTT updates use the untilted loss.
 def run_begins(sorted_keys: Tensor) -> Tensor:
     """bool per slot of a sorted 1-D tensor: a run of equal keys begins here."""
     new = torch.ones_like(sorted_keys, dtype=torch.bool)
@@ -2766,12 +2764,11 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
     return eval_result(stage, totals, time.perf_counter() - t0, tilt is not None)
 
 
-# Per-document LoRA TTT (FRONTIER §5). A document runs from a BOS (or the stream's start) to the next
-# BOS, which is its last target: document [s, e) holds targets s..e-1, so the documents partition the
-# targets that plain/sliding score. Each is scored in chunks of C targets, in order; the chunk ending
-# at local target c is one row of a forward reading the document's own tokens [max(0, c-T), c) (T =
-# TTT window). That forward, with per-document adapters, gives the chunk's score; only then does
-# one AdamW step of the adapters on the chunk's mean loss follow. The last chunk is scored only.
+# Per-document LoRA TTT (FRONTIER §5). A document runs from a BOS (or the stream's start) to the next BOS, its last
+# target: document [s, e) holds targets s..e-1, so documents partition the targets plain/sliding score. Each is scored
+# in chunks of C targets, in order; the chunk ending at local target c is one row of a forward reading the document's
+# tokens [max(0, c-T), c) (T = TTT window) with per-document adapters: that gives its score, then one AdamW step of the
+# adapters on the chunk's mean loss follows. The last chunk is scored only.
 LORA_PLACEMENTS = ("q", "k", "v", "o", "mlp", "head")
 MIN_WINDOW_BUCKET = 128  # shortest forward: the GPU is latency-bound below, and it is FlexAttention's mask block
 CHALLENGE_VAL_TOKENS = 47_851_520  # FineWeb validation tokens with the records' CaseOps tokenizer (40,540,160 with sp8192)
