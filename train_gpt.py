@@ -2460,10 +2460,9 @@ def plain_windows(num_targets: int, seq_len: int) -> Tensor:
 
 
 def sliding_windows(num_targets: int, seq_len: int, stride: int) -> Tensor:
-    """The first window scores its seq_len targets; each later one ends `stride` further and scores
-    only those new targets, so every target sees >= seq_len - stride tokens of context. The last
-    window ends at the last target (it may score fewer than `stride`). A stride longer than the
-    window is taken as the window length: a window cannot score more targets than it holds."""
+    """The first window scores its seq_len targets; each later one ends `stride` further and scores only those new targets,
+    so every target sees >= seq_len - stride tokens of context; the last ends at the last target. A stride longer than the
+    window counts as the window length."""
     stride = min(stride, seq_len)
     first_end = min(seq_len, num_targets)
     later_ends = torch.arange(first_end + stride, num_targets + stride, stride).clamp(max=num_targets)
@@ -2473,10 +2472,9 @@ def sliding_windows(num_targets: int, seq_len: int, stride: int) -> Tensor:
 
 
 def split_at_chunks(windows: Tensor, chunk_tokens: int, seq_len: int) -> Tensor:
-    """Cut the scored spans of a sliding plan at multiples of chunk_tokens, so that each window
-    scores targets of one TTT chunk only. Every piece's window still ends where its span ends, so
-    its targets keep at least the context they had; spans that do not straddle a boundary are
-    unchanged (all of them when the stride divides both the window and the chunk, as by default)."""
+    """Cut a sliding plan's scored spans at multiples of chunk_tokens, so each window scores targets of one TTT chunk only;
+    each piece's window still ends where its span ends (its targets keep their context). By default (the stride divides
+    window and chunk) nothing changes."""
     num_targets = int(windows[-1, 2])
     boundaries = torch.arange(0, num_targets, chunk_tokens)
     cuts = torch.cat((windows[:, 1], boundaries, windows[-1:, 2])).unique()  # sorted
@@ -2526,10 +2524,9 @@ def run_start_slots(new: Tensor) -> Tensor:
 
 
 def window_ids(tokens: Tensor, length: int) -> Tensor:
-    """int64 ids with ids[p] == ids[q] exactly when tokens[p:p+length] == tokens[q:q+length], by prefix
-    doubling: the window of span+step tokens at p is the pair (span-window at p, span-window at
-    p+step), packed as id[p]*base + id[p+step]; ids are re-ranked densely (a sort) only where the
-    packing would overflow. No hashing, so two different contexts can never collide."""
+    """int64 ids with ids[p] == ids[q] exactly when tokens[p:p+length] == tokens[q:q+length], by prefix doubling: the
+    window of span+step tokens at p is packed as id[p]*base + id[p+step], re-ranked densely (a sort) only where that
+    would overflow. No hashing, so contexts never collide."""
     ids, span = tokens, 1
     while span < length:
         step, base = min(span, length - span), int(ids.max()) + 1
@@ -2547,11 +2544,10 @@ def window_ids(tokens: Tensor, length: int) -> Tensor:
 
 @torch.no_grad()
 def ngram_hints(tokens: Tensor, order: int, threshold: float) -> tuple[Tensor, Tensor]:
-    """(hints int32, gates bool) per target of the stream `tokens`; targets whose context is incomplete
-    or new get hint 0 and no gate. The state machine, vectorised: a stable sort by context puts each
-    context's occurrences together in stream order (contexts seen once are dropped: they never give
-    or get a hint); a second stable sort by (context, follower) gives the running pair counts; the
-    running top is a cummax inside each run, and read-before-update is a shift by one slot."""
+    """(hints int32, gates bool) per target of `tokens`; an incomplete or new context gives hint 0 and no gate.
+    Vectorised: a stable sort by context groups each context's occurrences in stream order (contexts seen once dropped);
+    a second by (context, follower) gives running pair counts; the running top is a cummax per run, and
+    read-before-update a shift by one slot."""
     num_targets, k = tokens.numel() - 1, order - 1
     if num_targets < k:
         hints = torch.zeros(max(num_targets, 0), dtype=torch.int32, device=tokens.device)
@@ -2600,10 +2596,9 @@ class NgramTilt:
 
 
 def ngram_tilt(tokens: Tensor, h: Hyperparameters) -> NgramTilt | None:
-    """The stream's tilt on tokens' device, or None when NGRAM_TILT_ENABLED=0. Every rank builds all the
-    hints itself: a hint depends on every earlier occurrence of its context, so even one rank's targets
-    need the global sort, which takes well under a second on a GPU; sharing it would cost collectives
-    as large as the result and save nothing."""
+    """The stream's tilt on tokens' device, or None when NGRAM_TILT_ENABLED=0. Every rank builds all hints itself: a
+    hint depends on every earlier occurrence of its context (a global sort, well under a second on a GPU), and sharing
+    would cost collectives as large as the result."""
     if not h.ngram_tilt_enabled:
         return None
     return NgramTilt(*ngram_hints(tokens, h.ngram_tilt_order, h.ngram_tilt_threshold), h.ngram_tilt_boost)
@@ -2611,10 +2606,9 @@ def ngram_tilt(tokens: Tensor, h: Hyperparameters) -> NgramTilt | None:
 
 def score_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, batch: Tensor, seq_len: int, totals: Tensor,
                 tilt: NgramTilt | None = None, lora: DocumentLoRA | None = None) -> tuple[Tensor, Tensor]:
-    """Add (nats, bytes, count, untilted nats, gated count) of the scored targets of the windows `batch`
-    to `totals` (float64 [5]) from one forward; target_bytes[i] is the byte count of target i; with a
-    tilt the nats are tilted. Returns (untilted nll per position, scored mask); the nll keeps its
-    graph when grad is enabled (LoRA TTT trains on it after this has read the score)."""
+    """Add (nats, bytes, count, untilted nats, gated count) of the scored targets of windows `batch` to `totals`
+    (float64 [5]) from one forward, nats tilted if tilt is given. Returns (untilted nll per position, scored mask); the
+    nll keeps its graph under grad (LoRA TTT trains on it after the score is read)."""
     inputs, targets, scored = window_batch(tokens, batch, seq_len)
     positions = (batch[:, :1] + torch.arange(seq_len, device=tokens.device)).clamp(max=target_bytes.numel() - 1)
     if tilt is None:
@@ -2691,10 +2685,9 @@ def all_reduce_grads(params: list[nn.Parameter], runtime: Runtime) -> None:
 def train_on_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                    tokens: Tensor, chunk_begin: int, chunk_end: int, lr: float, h: Hyperparameters,
                    runtime: Runtime, epochs: int, seq_len: int) -> None:
-    """`epochs` SGD steps on the (already scored) targets [chunk_begin, chunk_end), each step on
-    the mean loss of the whole chunk. Its seq_len sequences are split over ranks; each rank sums
-    its targets' losses divided by the chunk's target count, so the summed gradients are exactly
-    the chunk's mean-loss gradient for any world size. Inputs come from the chunk itself."""
+    """`epochs` SGD steps on the mean loss of the (already scored) targets [chunk_begin, chunk_end). Its seq_len
+    sequences are split over ranks, each rank dividing its summed losses by the chunk's target count, so the summed
+    gradients are the chunk's mean-loss gradient for any world size."""
     sequences = plain_windows(chunk_end - chunk_begin, seq_len) + chunk_begin
     per_rank = math.ceil(sequences.size(0) / runtime.world_size)  # equal on every rank: same collectives
     mine = pad_windows(sequences[runtime.rank * per_rank : (runtime.rank + 1) * per_rank], per_rank).to(tokens.device)
@@ -2717,12 +2710,10 @@ def train_on_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: torc
 
 def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
              runtime: Runtime, log=log_nothing, stage: str = "ttt") -> EvalResult:
-    """Legal score-first test-time training (SPEC §7). The targets are cut into TTT_CHUNK_TOKENS
-    chunks; each chunk is first scored with the sliding plan under no_grad (those losses are the
-    result), then trained on with SGD (momentum TTT_MOMENTUM, TTT_EPOCHS steps, all parameters, clip
-    TTT_GRAD_CLIP, LR TTT_LR cosine-decayed over chunks); the last chunk is never trained on. So each
-    target is scored by weights that have only seen earlier chunks. It runs the model's own forward
-    and CHANGES THE MODEL'S WEIGHTS IN PLACE: run it last, or on a copy."""
+    """Legal score-first test-time training (SPEC §7): each TTT_CHUNK_TOKENS chunk of targets is scored with the sliding
+    plan under no_grad (the result), then trained on with SGD (momentum TTT_MOMENTUM, TTT_EPOCHS steps, clip
+    TTT_GRAD_CLIP, LR TTT_LR cosine over chunks), except the last. So each target is scored by weights that have only
+    seen earlier chunks. CHANGES THE MODEL'S WEIGHTS IN PLACE: run it last, or on a copy."""
     synchronize(runtime)
     t0 = time.perf_counter()
     tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
@@ -2790,10 +2781,9 @@ class LoRATerms:
 
 
 class DocumentLoRA:
-    """Adapters for TTT_BATCH_DOCS documents at the TTT_LORA_TARGETS placements of every virtual layer
-    and the head. A ~ U(+-1/sqrt(in)) is kept from batch to batch (warm start: it has only trained on
-    documents scored earlier); reset() zeroes B, so a fresh batch starts from the base model.
-    narrow(n) goes on with the first n rows only (the documents still being scored)."""
+    """Adapters for TTT_BATCH_DOCS documents at the TTT_LORA_TARGETS placements of every virtual layer and the head. A,
+    drawn from U(+-1/sqrt(in)), is kept between batches (warm start: it has only trained on documents scored earlier);
+    reset() zeroes B, so a batch starts from the base model; narrow(n) goes on with the first n rows."""
 
     def __init__(self, h: Hyperparameters, num_layers: int, device: torch.device, seed: int) -> None:
         d, kv, rank, docs = h.model_dim, h.num_kv_heads * h.head_dim, h.ttt_lora_rank, h.ttt_batch_docs
@@ -2844,12 +2834,10 @@ def document_spans(tokens: Tensor) -> Tensor:
 
 
 def lora_plan(docs: Tensor, h: Hyperparameters) -> tuple[int, list[tuple[int, int]]]:
-    """(chunk C, (rows, forward length) per chunk) of a batch, longest document first: C is TTT_CHUNK_SIZE,
-    or the TTT_SHORT_CHUNKS chunk of the first max_len >= its longest document. Chunk c's windows are
-    padded to the next power of two >= min((c+1)C, T) (at least MIN_WINDOW_BUCKET, at most T); at full
-    windows the batch keeps len(docs) // 4**k rows for the largest k that holds the documents still
-    being scored. Few static shapes for torch.compile, and the long tail of the longest documents does
-    not pay for finished rows (4x less work on the 100 longest proxy documents)."""
+    """(chunk C, (rows, forward length) per chunk) of a batch, longest document first: C is TTT_CHUNK_SIZE, or the
+    TTT_SHORT_CHUNKS chunk of the first max_len >= its longest document. Chunk c's windows are padded to the next power of
+    two >= min((c+1)C, T) (>= MIN_WINDOW_BUCKET); at full windows the batch keeps len(docs) // 4**k rows, the largest k that
+    holds the documents still scored: few static shapes, and the longest documents' tail skips finished rows."""
     lengths = (docs[:, 1] - docs[:, 0]).tolist()
     longest = max(lengths)
     chunk = next((c for n, c in h.short_chunks if longest <= n), h.ttt_chunk_size)
@@ -2864,11 +2852,10 @@ def lora_plan(docs: Tensor, h: Hyperparameters) -> tuple[int, list[tuple[int, in
 
 
 def lora_ttt_schedule(docs: Tensor, h: Hyperparameters, world_size: int) -> list[list[list[Tensor]]]:
-    """segments[k][rank] = that rank's batches (documents [TTT_BATCH_DOCS, 2], longest first, (0, 0) rows
-    padding) before phase boundary k. Documents go longest first (ties: stream order); in lora_phased the
-    first PHASED_TTT_PREFIX_DOCS are cut into PHASED_TTT_NUM_PHASES equal segments and the rest form the
-    last. In a segment each batch goes to the rank with the least work so far (rows x forward length):
-    a static split, so which documents precede each phase never depends on timing."""
+    """segments[k][rank] = that rank's batches (documents [TTT_BATCH_DOCS, 2], longest first (ties: stream order), padded
+    with (0, 0) rows) before phase boundary k; in lora_phased the first PHASED_TTT_PREFIX_DOCS form PHASED_TTT_NUM_PHASES
+    equal segments, the rest the last. Each batch goes to the rank with the least work so far (rows x forward length): a
+    static split, so which documents precede each phase never depends on timing."""
     ranked = docs[torch.sort(docs[:, 0] - docs[:, 1], stable=True).indices]
     phases = h.phased_ttt_num_phases if h.ttt_mode == "lora_phased" else 0
     prefix = min(len(docs), round(h.phased_ttt_prefix_docs * len(docs)) if h.phased_ttt_prefix_docs < 1 else int(h.phased_ttt_prefix_docs))
@@ -2892,11 +2879,10 @@ def lora_optimizer(params: list[Tensor], h: Hyperparameters) -> torch.optim.Adam
 
 def lora_ttt_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, docs: Tensor, lora: DocumentLoRA,
                    h: Hyperparameters, totals: Tensor, tilt: NgramTilt | None) -> None:
-    """Score one batch of documents (one row each) chunk by chunk: each chunk's forward adds its score to
-    totals, then the adapters take one AdamW step (beta1 = 0) on the mean loss of each document's chunk,
-    unless it is the document's last. B and the optimizer state start afresh here; A is kept. Where
-    the plan drops rows, the adapters and optimizer state go on for the first rows only: a finished
-    document's adapters stop changing (kept as padding, weight decay would go on shrinking them)."""
+    """Score one batch of documents (one row each) chunk by chunk: each chunk's forward adds its score to totals, then the
+    adapters take one AdamW step (beta1 = 0) on each document's chunk mean loss, unless it is the document's last. B and the
+    optimizer state start afresh; A is kept. Where the plan drops rows only the first go on: finished documents' adapters
+    stop changing."""
     docs = docs[torch.sort(docs[:, 0] - docs[:, 1], stable=True).indices]  # longest first: live rows lead
     lora.reset()
     optimizer = lora_optimizer(lora.parameters(), h)
@@ -2922,11 +2908,9 @@ def lora_ttt_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, docs:
 
 
 def global_sgd(model: nn.Module, tokens: Tensor, docs: Tensor, h: Hyperparameters, runtime: Runtime) -> None:
-    """A phase's global SGD on all weights (momentum TTT_MOMENTUM, PHASED_TTT_EPOCHS steps per chunk, LR
-    PHASED_TTT_LR on a cosine over TTT_CHUNK_TOKENS chunks, clip TTT_GRAD_CLIP, gradients averaged over
-    ranks) on the documents `docs` (all scored), concatenated in stream order in sequences of the TTT
-    window. Each keeps its true targets: every document but the stream's last ends at a BOS, which is
-    also the first token of the next one, and the last one's final target is appended."""
+    """A phase's global SGD of all weights (momentum TTT_MOMENTUM, PHASED_TTT_EPOCHS steps per TTT_CHUNK_TOKENS chunk, LR
+    PHASED_TTT_LR cosine over chunks, clip TTT_GRAD_CLIP) on the scored documents `docs` in stream order. Each keeps its
+    true targets: each document but the last ends at the next one's BOS; the last one's final target is appended."""
     last = int(docs[-1, 1])
     stream = torch.cat([tokens[s:e] for s, e in docs.tolist()] + [tokens[last : last + 1]])
     params = list(model.parameters())
@@ -2943,10 +2927,9 @@ def global_sgd(model: nn.Module, tokens: Tensor, docs: Tensor, h: Hyperparameter
 
 def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
                   runtime: Runtime, log=log_nothing, stage: str = "ttt") -> EvalResult:
-    """Score-first per-document LoRA TTT (TTT_MODE=lora), and in lora_phased global SGD of the base model
-    at each phase boundary on every document scored so far, all ranks agreeing (one all-reduce) on
-    which they are; later documents are scored by the updated model with fresh adapters. Every target
-    is scored once, before any update that has seen it (README "TTT"). Changes the weights in place."""
+    """Score-first per-document LoRA TTT; in lora_phased also global SGD of the base model at each phase boundary on every
+    document all ranks have scored (one all-reduce); later documents are scored by the updated model with fresh adapters.
+    Every target is scored once, before any update that has seen it. Changes the weights in place."""
     synchronize(runtime)
     t0 = time.perf_counter()
     tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
@@ -3004,12 +2987,10 @@ def build_model(h: Hyperparameters, runtime: Runtime, backend: str) -> GPT:
 
 
 def compile_model(model: GPT, h: Hyperparameters, runtime: Runtime, dynamic: bool = False) -> str:
-    """Regional compilation (each block and the head) compiles in seconds and serves every layer;
-    full compilation traces the whole unrolled model. Returns the mode used. Static shapes by
-    default (training, plain and sliding eval have one or two); dynamic=True for LoRA TTT's
-    scoring, whose (rows, window) shapes would each cost a compile of every block variant (~60 s
-    on H100). Starts from empty caches: torch 2.13's recompile diagnostics crash when a graph
-    compiled with adapters meets a call without (global SGD between LoRA scoring phases)."""
+    """Regional compilation (each block, the head) compiles in seconds and serves every layer; full traces the unrolled
+    model. Returns the mode. Static shapes by default; dynamic=True for LoRA TTT's scoring, whose (rows, window) shapes
+    would each cost a compile of every block variant (~60 s on H100). From empty caches: torch 2.13's recompile
+    diagnostics crash when a graph compiled with adapters meets a call without."""
     mode = h.compile
     if mode == "auto":
         mode = "regional" if runtime.device.type == "cuda" else "none"
@@ -3055,9 +3036,8 @@ def train_step(model: GPT, optimizers: Optimizers, loader: TrainLoader, grad_acc
 
 def warm_up_and_reset(model: GPT, optimizers: Optimizers, loader: TrainLoader, h: Hyperparameters,
                       grad_accum_steps: int) -> None:
-    """Run WARMUP_STEPS real steps for every graph variant (without and with looping) so that all
-    compilation happens here, then restore the initial weights, optimizer state and data position:
-    warm-up never trains the model."""
+    """WARMUP_STEPS real steps per graph variant (without and with looping) so that all compilation happens here, then
+    the initial weights, optimizer state and data position are restored: warm-up never trains the model."""
     if h.warmup_steps == 0:
         return
     model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -3185,9 +3165,8 @@ def held_out_train_loss(model: GPT, batches: list[tuple[Tensor, Tensor]], runtim
 
 def choose_averaged_weights(model: GPT, averager: WeightAverager, loader: TrainLoader, h: Hyperparameters,
                             runtime: Runtime, log: Logger) -> str:
-    """Load the averaged weights unless the raw ones do better on AVERAGE_CHECK_SEQS unseen training
-    sequences (never validation data): averaging helps long runs, can lag very short ones.
-    Returns which weights the model now holds: "raw", "ema" or "swa"."""
+    """Load the averaged weights unless the raw ones do better on AVERAGE_CHECK_SEQS unseen training sequences
+    (averaging helps long runs, can lag very short ones). Returns what the model now holds: "raw", "ema" or "swa"."""
     if h.averaging == "none" or (h.averaging == "swa" and averager.snapshots == 0):
         return "raw"
     if h.average_check_seqs == 0:
@@ -3212,9 +3191,8 @@ def choose_averaged_weights(model: GPT, averager: WeightAverager, loader: TrainL
 
 
 def measure_calibration_seconds(model: GPT, h: Hyperparameters, runtime: Runtime) -> float:
-    """What the weight choice and GPTQ calibration will cost after training, measured before the clock
-    on random tokens (never training data): their eager forwards, each timed on its second run.
-    Returns 1.25 x the estimate + 1 s, a margin for loader reads and the averaged-weights copy."""
+    """The cost of the weight choice and GPTQ calibration after training, measured before the clock on random tokens (eager
+    forwards, timed on their second run): 1.25 x the estimate + 1 s (loader reads, the averaged-weights copy)."""
     def timed(fn) -> float:
         for _ in range(2):
             synchronize(runtime)
@@ -3232,9 +3210,8 @@ def measure_calibration_seconds(model: GPT, h: Hyperparameters, runtime: Runtime
 
 
 def calibration_batches(loader: TrainLoader, h: Hyperparameters, runtime: Runtime):
-    """GPTQ_CALIBRATION_BATCHES batches of GPTQ_CALIBRATION_SEQS training sequences in all, split over
-    ranks (never validation data). 64 x 8 x 2048 = 1M tokens pin down 512..2048-wide Hessians; more
-    only costs time (the hooks' X^T X is fp32 and eager)."""
+    """GPTQ_CALIBRATION_BATCHES batches of GPTQ_CALIBRATION_SEQS training sequences, split over ranks. 64 x 8 x 2048 =
+    1M tokens pin down 512..2048-wide Hessians; more only costs time (the hooks' X^T X is fp32 and eager)."""
     for _ in range(max(1, h.gptq_calibration_batches // runtime.world_size)):
         x, y = loader.next_batch()
         yield x[: h.gptq_calibration_seqs], y[: h.gptq_calibration_seqs]
@@ -3242,9 +3219,8 @@ def calibration_batches(loader: TrainLoader, h: Hyperparameters, runtime: Runtim
 
 def evaluate_artifact(path: str, h: Hyperparameters, runtime: Runtime, log: Logger, backend: str,
                       val_tokens: Tensor, val_target_bytes: Tensor) -> tuple[EvalResult, dict]:
-    """Score an artifact file the way the rules count it: the eval clock runs from reading the file
-    and building the model to the last score. Stages: plain, sliding, TTT (last: it changes the
-    weights). Returns (the final result, timing fields for the final event)."""
+    """Score an artifact file as the rules count it: the eval clock runs from reading the file to the last score of
+    plain, sliding, TTT (last: it changes the weights). Returns (final result, timing fields for the final event)."""
     synchronize(runtime)
     t0 = time.perf_counter()
     _, blob = read_artifact(path)
