@@ -572,8 +572,7 @@ def read_dataset_manifest(dataset_dir: str) -> dict:
 
 
 def dataset_provenance(h: Hyperparameters, val_tokens: Tensor) -> dict:
-    """What the run is scored on, for the config event and records: the dataset's manifest.json, its validation
-    documents (one BOS each) and the tokenizer. Without a manifest only a FineWeb folder name is left to go on."""
+    """What the run is scored on (config event, records): manifest.json, validation documents (one BOS each), tokenizer."""
     manifest, path = read_dataset_manifest(h.dataset_dir), Path(h.dataset_dir, "manifest.json")
     source = manifest.get("source", {})
     kind = {"local documents": "local_docs", "hub": "fineweb"}.get(source.get("kind"))
@@ -831,8 +830,7 @@ def select_attention_backend(device: torch.device, unavailable: list[str] | None
 
 
 def document_segments(input_ids: Tensor, span: int | None) -> Tensor:
-    """Segment id per position [B,T]: the count of BOS up to it (its document), and with a span, also
-    its piece (position - document start) // span, so no piece is longer than the span."""
+    """Segment id per position [B,T]: its document (count of BOS so far), with a span also its piece (position - doc start) // span."""
     starts = input_ids == BOS_ID
     segments = torch.cumsum(starts, dim=1)
     if span is None:
@@ -941,8 +939,7 @@ def declare(module: nn.Module, name: str, value: Tensor, role: Role) -> nn.Param
 
 
 class CastedLinear(nn.Linear):
-    """Linear layer with fp32 master weights, computed in the activations' dtype (bf16 on GPU).
-    A block matrix by default (Muon, GPTQ in clip group `quant`, Hessian from its input)."""
+    """fp32 master weights computed in the activations' dtype; a block matrix by default (Muon, GPTQ group `quant`, input Hessian)."""
 
     def __init__(self, in_features: int, out_features: int, quant: str, zero_init: bool = False,
                  role: Role | None = None) -> None:
@@ -973,8 +970,7 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
-    """XSA: remove from each head's output its component along its own position's value vector,
-    y -= (y . v_hat) v_hat, where v_hat is the normalised value of the head's KV group."""
+    """XSA: y -= (y . v_hat) v_hat per head, v_hat the normalised value of the head's KV group at the same position."""
     B, T, H, D = y.shape
     kv_heads = v.size(2)
     y = y.view(B, T, kv_heads, H // kv_heads, D)
@@ -1207,8 +1203,7 @@ def triton_kernels():
     @triton.jit
     def ce_forward(z, targets, hints, cap_pos_ptr, cap_neg_ptr, nll, lse_out, hint_nll, V: tl.constexpr, stride,
                    HAS_HINT: tl.constexpr, BLOCK: tl.constexpr):
-        """One row in one read of z: lse = logsumexp(zc) by an online max/sum over chunks of BLOCK;
-        zc[target] and zc[hint] are picked up on the way."""
+        """One row in one read of z: lse = logsumexp(zc) by online max/sum over BLOCK chunks, picking up zc[target] and zc[hint]."""
         row = tl.program_id(0).to(tl.int64)
         z_row = z + row * stride
         cap_pos, cap_neg = tl.load(cap_pos_ptr).to(tl.float32), tl.load(cap_neg_ptr).to(tl.float32)
@@ -1287,8 +1282,7 @@ def _(dy, w_down, pre):
 
 
 class FusedLeakyReLUSquareMLP(torch.autograd.Function):
-    """y = down(leaky_relu(x @ up^T, 0.5)^2) with the activation in the matmul epilogues; keeps only
-    pre (as the plain path under compile does) and recomputes post in the backward kernel."""
+    """y = down(leaky_relu(x @ up^T, 0.5)^2), activation in the matmul epilogues; keeps only pre, recomputes post in backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
@@ -1399,8 +1393,7 @@ def looping_enabled(model: nn.Module):
 
 
 def loop_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: int, looping: bool) -> list[int]:
-    """Virtual layer order: with looping, layers loop_start..loop_end run num_loops+1 times,
-    e.g. 0,1,2,3,4,5,3,4,5,3,4,5,6,...,10 for 11 layers, span 3..5, 2 loops."""
+    """Virtual layer order: with looping, loop_start..loop_end run num_loops+1 times, e.g. 0,1,2,3,4,5,3,4,5,3,4,5,6,...,10."""
     order = list(range(num_layers))
     if not looping or num_loops == 0:
         return order
@@ -1654,8 +1647,7 @@ class Optimizers:
 # Schedule and weight averaging
 # ==================================================================================================
 def training_progress(step: int, elapsed: float, budget: float, iterations: int) -> float:
-    """Fraction of training done, which drives warmdown, looping and SWA: of the time budget, or of
-    ITERATIONS when there is no time limit (budget = inf), so step-matched runs get a schedule too."""
+    """Fraction of training done (drives warmdown, looping, SWA): of the time budget, or of ITERATIONS when budget = inf."""
     return elapsed / budget if math.isfinite(budget) else step / iterations
 
 
@@ -1676,14 +1668,12 @@ def muon_momentum_at(step: int, h: Hyperparameters) -> float:
 
 
 def ema_decay_at(step: int, cap: float) -> float:
-    """EMA decay after `step` updates: min(cap, (1+step)/(10+step)). The ramp makes the average
-    span roughly the last tenth of a short run instead of dragging it back to the initialisation."""
+    """EMA decay min(cap, (1+step)/(10+step)): the ramp keeps a short run's average off the initialisation."""
     return min(cap, (1.0 + step) / (10.0 + step))
 
 
 class WeightAverager:
-    """fp32 average of all parameters: EMA every step, or SWA (uniform mean of snapshots taken every
-    SWA_EVERY steps during warmdown), or none. `copy_to` loads the average into a model."""
+    """fp32 average of all parameters: EMA every step, SWA (mean of snapshots every SWA_EVERY warmdown steps) or none."""
 
     def __init__(self, model: nn.Module, h: Hyperparameters) -> None:
         self.mode, self.cap, self.swa_every = h.averaging, h.ema_decay, h.swa_every
@@ -1822,8 +1812,7 @@ def plan_gptq(weight: Tensor, hessian: Tensor, damp: float) -> tuple[Tensor, Ten
 
 
 def sdclip_scales(weight: Tensor, bits: int, clip_sigmas: float) -> Tensor:
-    """Per-row scale = k*std(row)/(2^(bits-1)-1), rounded to fp16 as stored (kept >= fp16's smallest
-    subnormal so that all-zero rows divide safely and quantize to 0)."""
+    """Row scale = k*std(row)/(2^(bits-1)-1), fp16-rounded as stored; >= 2^-24 so that all-zero rows quantize to 0."""
     qmax = 2 ** (bits - 1) - 1
     scale = clip_sigmas * weight.float().std(dim=1) / qmax
     return scale.clamp_min(2.0 ** -24).half().float()
@@ -1900,8 +1889,7 @@ def plan_quantization(state: dict[str, Tensor], roles: dict[str, Role], hessians
 
 
 def quantize_absmax_rows(weight: Tensor, top: float = 127, low: int = -127, high: int = 127) -> dict:
-    """Ints per row with scale max|row|/top, codes clamp(round(w/scale), low, high): int8 gates (too few
-    values for SDClip statistics) and LQER's factors."""
+    """Ints per row, scale max|row|/top, codes clamp(round(w/scale), low, high): int8 gates (too small for SDClip), LQER factors."""
     scale = (weight.float().abs().amax(dim=1) / top).clamp_min(2.0 ** -24).half()
     return {"q": torch.clamp(torch.round(weight.float() / scale.float()[:, None]), low, high).to(torch.int8).cpu(),
             "scale": scale.cpu()}
@@ -1980,8 +1968,7 @@ def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
 
 
 def byte_shuffle(array: np.ndarray) -> bytes:
-    """Regroup bytes by their position within each element (all low bytes, then all high bytes, ...),
-    so that the smooth high bytes and the noisy low bytes compress separately."""
+    """Regroup bytes by position in their element (all low bytes, then high bytes...): smooth and noisy bytes compress apart."""
     return np.ascontiguousarray(array.reshape(-1).view(np.uint8).reshape(-1, array.itemsize).T).tobytes()
 
 
@@ -2160,8 +2147,7 @@ def rans_decode(data: bytes, tables: np.ndarray, freq: np.ndarray, start: np.nda
 
 
 def rans_tables(models: list, shapes: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(table of every int [steps, lanes], freq [tables, 256], start) of the class models [(axis, labels, codes)]; a last
-    table of one certain symbol (0 bits) pads the last step."""
+    """(table of every int [steps, lanes], freq [tables, 256], start); a last table of one certain symbol pads the last step."""
     codes = np.zeros((sum(len(m[2]) for m in models) + 1, 256), np.uint8)
     codes[-1, 0], parts, base = 1, [np.zeros(0, np.int32)], 0
     for (axis, labels, table_codes), shape in zip(models, shapes):
@@ -2224,8 +2210,7 @@ def rans_decompress(blob: bytes) -> bytes:
 
 
 def int_entropy_bytes(q: Tensor) -> float:
-    """n*H/8 bytes, H the order-0 entropy of the ints: the size model of the budget search (brotli-11
-    lands ~1% above it on int6 weights, and that ratio is stable across scales)."""
+    """n*H/8 bytes (H: order-0 entropy of the ints), the budget search's size model; brotli-11 lands a stable ~1% above it."""
     counts = torch.bincount(q.reshape(-1).to(torch.int64) + 128, minlength=256).double()
     p = counts[counts > 0] / q.numel()
     return float(-(p * p.log2()).sum()) * q.numel() / 8
@@ -2243,8 +2228,7 @@ def rtn_entropy_bytes(plans: list[GPTQPlan], clip_scale: float) -> float:
 
 
 def byte_groups(quantized: dict[str, dict], roles: dict[str, Role]) -> dict[str, dict]:
-    """Where the bytes go, per quant group (attn, mlp, embed, gate; fp16 at 2 bytes/value): values and
-    the order-0 entropy bytes of their ints (what a better coder lets the budget search spend)."""
+    """Values and order-0 entropy bytes of their ints per quant group (fp16 at 2 bytes/value): where the bytes go."""
     groups: dict[str, dict] = {}
     for name, entry in quantized.items():
         group = groups.setdefault(roles[name].quant if name in roles else "lqer", {"values": 0, "entropy_bytes": 0.0})
@@ -2255,8 +2239,7 @@ def byte_groups(quantized: dict[str, dict], roles: dict[str, Role]) -> dict[str,
 
 
 def search_clip_scale(predict, target: float) -> float:
-    """Bisect log(clip scale) for predict(scale) = target (predict decreases: a wider step, fewer levels, lower entropy);
-    the upper bound if it cannot fit."""
+    """Bisect log(clip scale) for predict(scale) = target (a wider step: fewer levels, lower entropy); the upper bound if none fits."""
     low, high = (math.log(x) for x in CLIP_SCALE_RANGE)
     if predict(math.exp(low)) <= target:
         return math.exp(low)
@@ -2417,15 +2400,13 @@ def minify_source(source: str) -> str:
 
 
 def latin1_literal(data: bytes) -> str:
-    """Bytes as the inside of a "..." literal in a latin-1 source file: 1 char per byte except NUL, newlines, quote and
-    backslash (~3% overhead vs 25% for base85)."""
+    """Bytes as the inside of a "..." latin-1 literal: 1 char per byte but NUL, newlines, quote, backslash (~3% vs base85's 25%)."""
     escapes = {0: "\\x00", 10: "\\n", 13: "\\r", 34: '\\"', 92: "\\\\"}
     return "".join(escapes.get(b, chr(b)) for b in data)
 
 
 def build_submission_code(source: str) -> bytes:
-    """The shipped copy of this script: minified, lzma-compressed (stdlib: the stub needs nothing installed;
-    FORMAT_ALONE has the smallest header), wrapped in a self-extracting exec stub."""
+    """The shipped copy: minified, lzma'd (stdlib; FORMAT_ALONE has the smallest header), in a self-extracting exec stub."""
     import lzma
     packed = lzma.compress(minify_source(source).encode("utf-8"), format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME)
     return SHIPPED_STUB.replace("{payload}", latin1_literal(packed)).encode("latin-1")
@@ -2483,8 +2464,7 @@ def split_at_chunks(windows: Tensor, chunk_tokens: int, seq_len: int) -> Tensor:
 
 
 def window_batch(tokens: Tensor, windows: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(inputs, targets, scored mask), each [len(windows), seq_len], for windows on tokens' device.
-    Position j of a window holds target start+j; positions at or past score_to hold PAD_ID."""
+    """(inputs, targets, scored mask) [len(windows), seq_len]: position j holds target start+j; at or past score_to PAD_ID."""
     positions = windows[:, :1] + torch.arange(seq_len, device=tokens.device)
     real = positions < windows[:, 2:]
     scored = real & (positions >= windows[:, 1:2])
@@ -2589,8 +2569,7 @@ class NgramTilt:
         return self.hints[positions].long(), self.gates[positions] & valid
 
     def apply(self, nll: Tensor, hint_nll: Tensor, target_ids: Tensor, hint_ids: Tensor, gates: Tensor) -> Tensor:
-        """nll' = nll - b*[y=h] + log1p(p(h)*expm1(b)) where gated, else nll; hint_nll = -log p(h)
-        from the same logits as nll (GPT.forward with hint_ids)."""
+        """nll' = nll - b*[y=h] + log1p(p(h)*expm1(b)) where gated, else nll; hint_nll = -log p(h) from the same logits."""
         tilted = nll - self.boost * (target_ids == hint_ids) + torch.log1p(torch.exp(-hint_nll) * math.expm1(self.boost))
         return torch.where(gates, tilted, nll)
 
@@ -2767,8 +2746,8 @@ CHALLENGE_VAL_TOKENS = 47_851_520  # FineWeb validation tokens with the records'
 
 @dataclass
 class LoRATerms:
-    """The TTT adapters of one virtual layer (or of the head), one per document row: for each
-    placement, term(x) = (x A^T) B^T * alpha/r with A [docs, r, in] and B [docs, out, r]."""
+    """TTT adapters of one virtual layer (or the head), per document row: term(x) = (x A^T) B^T * alpha/r, A [docs, r, in], B [docs,
+    out, r]."""
     factors: dict[str, tuple[Tensor, Tensor]]
     scale: float
 
@@ -2825,8 +2804,7 @@ class DocumentLoRA:
 
 
 def document_spans(tokens: Tensor) -> Tensor:
-    """[documents, 2] (start, end) target ranges in stream order: a document starts at the stream's
-    start and at every BOS, and ends where the next one starts (or at the last target)."""
+    """[documents, 2] (start, end) target ranges: documents start at the stream's start and at every BOS."""
     num_targets = tokens.numel() - 1
     starts = torch.cat((torch.zeros(1, dtype=torch.long), (tokens[1:num_targets] == BOS_ID).nonzero().flatten() + 1))
     spans = torch.stack((starts, torch.cat((starts[1:], torch.tensor([num_targets])))), dim=1)
@@ -3010,8 +2988,8 @@ def compile_model(model: GPT, h: Hyperparameters, runtime: Runtime, dynamic: boo
 
 
 def batch_layout(h: Hyperparameters, runtime: Runtime) -> tuple[int, int]:
-    """(sequences per micro-batch on one rank, gradient-accumulation steps) for the global batch:
-    the largest micro-batch <= MICRO_BATCH_SEQS that divides the rank's share of the batch."""
+    """(sequences per micro-batch per rank, accumulation steps): the largest micro-batch <= MICRO_BATCH_SEQS dividing the rank's
+    share."""
     global_seqs = h.train_batch_tokens // h.train_seq_len
     if global_seqs % runtime.world_size:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} gives {global_seqs} sequences, not divisible by the world size {runtime.world_size}")
@@ -3394,8 +3372,7 @@ def print_knobs() -> None:
 
 
 def check_fits_machine(h: Hyperparameters) -> None:
-    """Refuse up front a config whose activations cannot fit this machine's memory without a GPU (the
-    8xH100 record config on a laptop), instead of running until the kernel kills it."""
+    """Without a GPU, refuse up front a config whose activations cannot fit in memory, instead of running until the kernel kills it."""
     if torch.cuda.is_available():
         return
     micro_seqs = min(h.micro_batch_seqs, h.train_batch_tokens // h.train_seq_len)
@@ -3411,8 +3388,7 @@ def check_fits_machine(h: Hyperparameters) -> None:
 
 
 def load_config() -> Hyperparameters:
-    """The knobs; with EVAL_ONLY or REQUANTIZE_FROM the model (and for EVAL_ONLY the quantization)
-    knobs come from that file, which is checked here, before any data is read."""
+    """The knobs; EVAL_ONLY / REQUANTIZE_FROM: model (EVAL_ONLY: also quantization) knobs from that file, checked before any data."""
     h = Hyperparameters()
     if h.eval_only:
         h = Hyperparameters(fixed=read_artifact(h.eval_only)[0])
