@@ -2746,8 +2746,7 @@ CHALLENGE_VAL_TOKENS = 47_851_520  # FineWeb validation tokens with the records'
 
 @dataclass
 class LoRATerms:
-    """TTT adapters of one virtual layer (or the head), per document row: term(x) = (x A^T) B^T * alpha/r, A [docs, r, in], B [docs,
-    out, r]."""
+    """TTT adapters of one virtual layer (or the head), per document row: term(x) = (x A^T) B^T * alpha/r, A [docs,r,in], B [docs,out,r]."""
     factors: dict[str, tuple[Tensor, Tensor]]
     scale: float
 
@@ -2988,8 +2987,7 @@ def compile_model(model: GPT, h: Hyperparameters, runtime: Runtime, dynamic: boo
 
 
 def batch_layout(h: Hyperparameters, runtime: Runtime) -> tuple[int, int]:
-    """(sequences per micro-batch per rank, accumulation steps): the largest micro-batch <= MICRO_BATCH_SEQS dividing the rank's
-    share."""
+    """(sequences per micro-batch per rank, accumulation steps): the largest micro-batch <= MICRO_BATCH_SEQS dividing the share."""
     global_seqs = h.train_batch_tokens // h.train_seq_len
     if global_seqs % runtime.world_size:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} gives {global_seqs} sequences, not divisible by the world size {runtime.world_size}")
