@@ -370,10 +370,9 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 
 class Comm:
-    """Every collective of the script, each one torch.distributed call with NCCL's semantics. gloo runs the same
-    calls on CPU (torch >= 2.8 has reduce-scatter with AVG and all-gather into one tensor), so the multi-process
-    CPU tests run the slicing, padding and averaging the GPUs run. Without a process group (plain `python`) each
-    call is the identity; with one, even of a single rank, the real calls run. async_op=True returns a handle."""
+    """Every collective of the script, each one torch.distributed call with NCCL's semantics; gloo runs the same calls on
+    CPU (torch >= 2.8), so the multi-process CPU tests run the slicing, padding and averaging the GPUs run. Without a
+    process group (plain `python`) each call is the identity. async_op=True returns a handle."""
 
     def __init__(self, active: bool = False, store=None) -> None:
         self.active, self.store = active, store
@@ -441,9 +440,8 @@ class Runtime:
 
 
 def setup_distributed(timeout_seconds: float) -> Runtime:
-    """torchrun: a process group (NCCL on CUDA, gloo on CPU) even with one rank, so one GPU takes the 8-GPU code
-    path; plain `python`: one process without one. A collective waiting over timeout_seconds fails the job, so a
-    rank stuck or gone does not hold the others for NCCL's default 10 minutes."""
+    """torchrun: a process group (NCCL on CUDA, gloo on CPU) even for one rank, so one GPU takes the 8-GPU code path; plain
+    `python`: none. A collective waiting over timeout_seconds fails the job (not NCCL's default 10 minutes)."""
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -2251,12 +2249,11 @@ def search_clip_scale(predict, target: float) -> float:
 
 def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperparameters, reserved_bytes: int,
                       log=log_nothing) -> tuple[bytes, dict]:
-    """GPTQ-quantize the model's weights to fit the artifact budget; return (compressed blob, report). target =
-    (ARTIFACT_TARGET_BYTES or 16,000,000) - reserved_bytes (shipped code, config header). A global multiplier on the clip
-    sigmas is searched: size(scale) ~ c * sum_t n_t*H(RTN ints at scale) + fp16 part + LQER/AWQ-lite side bytes (last
-    round's), H the order-0 entropy (cheap), c calibrated on each exact GPTQ + compression round (it folds in the coder's
-    overhead and GPTQ's slightly wider ints); typically two rounds. Scale-independent GPTQ work (act order, Cholesky
-    factors) is done once, on the Hessians' device. Deterministic: one rank runs it and shares the blob."""
+    """GPTQ-quantize the weights to fit the budget; return (compressed blob, report). target = (ARTIFACT_TARGET_BYTES or
+    16,000,000) - reserved_bytes (code, config header). A global multiplier on the clip sigmas is searched: size(scale) ~ c
+    * sum_t n_t*H(RTN ints at scale) + fp16 part + LQER/AWQ-lite side bytes (last round's), H the order-0 entropy (cheap), c
+    calibrated on each exact GPTQ + compression round (coder overhead, GPTQ's wider ints); typically two rounds.
+    Scale-independent GPTQ work is done once, on the Hessians' device. Deterministic: one rank runs it."""
     started = time.perf_counter()
     state = {name: t.detach() for name, t in model.state_dict().items()}
     device = next(iter(hessians.values())).device if hessians else torch.device("cpu")
@@ -2829,10 +2826,9 @@ def lora_plan(docs: Tensor, h: Hyperparameters) -> tuple[int, list[tuple[int, in
 
 
 def lora_ttt_schedule(docs: Tensor, h: Hyperparameters, world_size: int) -> list[list[list[Tensor]]]:
-    """segments[k][rank] = that rank's batches (documents [TTT_BATCH_DOCS, 2], longest first (ties: stream order), padded
-    with (0, 0) rows) before phase boundary k; in lora_phased the first PHASED_TTT_PREFIX_DOCS form PHASED_TTT_NUM_PHASES
-    equal segments, the rest the last. Each batch goes to the rank with the least work so far (rows x forward length): a
-    static split, so which documents precede each phase never depends on timing."""
+    """segments[k][rank] = that rank's batches (documents [TTT_BATCH_DOCS, 2], longest first, ties in stream order, (0, 0)
+    rows padding) before phase boundary k; in lora_phased the first PHASED_TTT_PREFIX_DOCS form PHASED_TTT_NUM_PHASES equal
+    segments. Each batch goes to the rank with the least work (rows x length): a static split, never timing-dependent."""
     ranked = docs[torch.sort(docs[:, 0] - docs[:, 1], stable=True).indices]
     phases = h.phased_ttt_num_phases if h.ttt_mode == "lora_phased" else 0
     prefix = min(len(docs), round(h.phased_ttt_prefix_docs * len(docs)) if h.phased_ttt_prefix_docs < 1 else int(h.phased_ttt_prefix_docs))
@@ -2856,10 +2852,9 @@ def lora_optimizer(params: list[Tensor], h: Hyperparameters) -> torch.optim.Adam
 
 def lora_ttt_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, docs: Tensor, lora: DocumentLoRA,
                    h: Hyperparameters, totals: Tensor, tilt: NgramTilt | None) -> None:
-    """Score one batch of documents (one row each) chunk by chunk: each chunk's forward adds its score to totals, then the
-    adapters take one AdamW step (beta1 = 0) on each document's chunk mean loss, unless it is the document's last. B and the
-    optimizer state start afresh; A is kept. Where the plan drops rows only the first go on: finished documents' adapters
-    stop changing."""
+    """Score one batch of documents (a row each) chunk by chunk: each chunk's forward adds its score to totals, then the
+    adapters take one AdamW step (beta1 = 0) on each document's chunk mean loss, unless it is its last. B and the optimizer
+    start afresh; A is kept. Where the plan drops rows only the first go on."""
     docs = docs[torch.sort(docs[:, 0] - docs[:, 1], stable=True).indices]  # longest first: live rows lead
     lora.reset()
     optimizer = lora_optimizer(lora.parameters(), h)
