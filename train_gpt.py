@@ -1811,8 +1811,7 @@ def plan_gptq(weight: Tensor, hessian: Tensor, damp: float) -> tuple[Tensor, Ten
 
 def sdclip_scales(weight: Tensor, bits: int, clip_sigmas: float) -> Tensor:
     """Row scale = k*std(row)/(2^(bits-1)-1), fp16-rounded as stored; >= 2^-24 so that all-zero rows quantize to 0."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = clip_sigmas * weight.float().std(dim=1) / qmax
+    scale = clip_sigmas * weight.float().std(dim=1) / (2 ** (bits - 1) - 1)
     return scale.clamp_min(2.0 ** -24).half().float()
 
 
@@ -2453,8 +2452,7 @@ def split_at_chunks(windows: Tensor, chunk_tokens: int, seq_len: int) -> Tensor:
     """Cut a sliding plan's scored spans at multiples of chunk_tokens, so each window scores targets of one TTT chunk only;
     each piece's window still ends where its span ends (its targets keep their context). By default (the stride divides
     window and chunk) nothing changes."""
-    num_targets = int(windows[-1, 2])
-    boundaries = torch.arange(0, num_targets, chunk_tokens)
+    boundaries = torch.arange(0, int(windows[-1, 2]), chunk_tokens)
     cuts = torch.cat((windows[:, 1], boundaries, windows[-1:, 2])).unique()  # sorted
     ends = cuts[1:]
     return torch.stack(((ends - seq_len).clamp(min=0), cuts[:-1], ends), dim=1)
@@ -2637,8 +2635,7 @@ def eval_windows(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: 
 def eval_plain(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
                runtime: Runtime, stage: str = "plain") -> EvalResult:
     """Non-overlapping EVAL_SEQ_LEN windows over the whole stream, tail included."""
-    windows = plain_windows(val_tokens.numel() - 1, h.eval_seq_len)
-    return eval_windows(model, val_tokens, target_bytes, h, runtime, stage, windows)
+    return eval_windows(model, val_tokens, target_bytes, h, runtime, stage, plain_windows(val_tokens.numel() - 1, h.eval_seq_len))
 
 
 def eval_sliding(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
@@ -3012,8 +3009,7 @@ def warm_up_and_reset(model: GPT, optimizers: Optimizers, loader: TrainLoader, h
     if h.warmup_steps == 0:
         return
     model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    optimizer_state = optimizers.state_dict()
-    loader_state = loader.state_dict()
+    optimizer_state, loader_state = optimizers.state_dict(), loader.state_dict()
     for looping in ([False, True] if h.num_loops else [False]):
         model.looping = looping
         for _ in range(h.warmup_steps):
@@ -3050,8 +3046,7 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
     micro_seqs, grad_accum_steps = batch_layout(h, runtime)
     log(f"world_size:{runtime.world_size} grad_accum_steps:{grad_accum_steps} micro_batch_seqs:{micro_seqs} "
         f"global_batch_tokens:{h.train_batch_tokens}")
-    train_files = list_shards(h.dataset_dir, "train")
-    loader = TrainLoader(train_files, h.train_seq_len, micro_seqs, grad_accum_steps, runtime, h.seed, h.vocab_size)
+    loader = TrainLoader(list_shards(h.dataset_dir, "train"), h.train_seq_len, micro_seqs, grad_accum_steps, runtime, h.seed, h.vocab_size)
     optimizers = Optimizers(model, h, runtime)
 
     synchronize(runtime)
@@ -3286,8 +3281,7 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     if h.requantize_from:  # the saved averaged weights replace training; only calibration reads training data
         model.load_state_dict(read_saved_weights(h.requantize_from)[1])
         log(f"weights: {h.requantize_from} (REQUANTIZE_FROM; no training)")
-        micro_seqs, accum = batch_layout(h, runtime)
-        loader = TrainLoader(train_files, h.train_seq_len, micro_seqs, accum, runtime, h.seed, h.vocab_size)
+        loader = TrainLoader(train_files, h.train_seq_len, micro_seqs, grad_accum_steps, runtime, h.seed, h.vocab_size)
         training_seconds, chosen = 0.0, "saved"
     else:
         loader, averager, training_seconds = train(model, h, runtime, log, val_tokens, val_target_bytes)
@@ -3368,8 +3362,7 @@ def check_fits_machine(h: Hyperparameters) -> None:
     """Without a GPU, refuse up front a config whose activations cannot fit in memory, instead of running until the kernel kills it."""
     if torch.cuda.is_available():
         return
-    micro_seqs = min(h.micro_batch_seqs, h.train_batch_tokens // h.train_seq_len)
-    tokens = micro_seqs * h.train_seq_len
+    tokens = min(h.micro_batch_seqs, h.train_batch_tokens // h.train_seq_len) * h.train_seq_len
     layers = len(loop_schedule(h.num_layers, h.loop_start, h.loop_end, h.num_loops, True))
     # ~20 fp32 activations of width d saved per virtual layer and token, plus logits and their gradient.
     need = tokens * 4 * (20 * h.model_dim * layers + 3 * h.vocab_size)
