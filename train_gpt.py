@@ -60,8 +60,7 @@ class Knob:
 
 
 CONFIG_REGISTRY: dict[str, Knob] = {}
-# Sections whose knobs define the artifact: an artifact stores their values, and EVAL_ONLY /
-# REQUANTIZE_FROM rebuild the model from them (a conflicting env var is refused).
+# Sections whose knobs define the artifact: stored in it; EVAL_ONLY / REQUANTIZE_FROM rebuild the model from them.
 ARTIFACT_SECTIONS = ("model", "quantization")
 _section = "data"
 _fixed: dict[str, object] = {}  # knob values that come from an artifact (see Hyperparameters(fixed=...))
@@ -490,8 +489,7 @@ def log_nothing(msg: str = "", console: bool = True) -> None:
 # ==================================================================================================
 # Data: shards, training loader, validation tokens, exact byte accounting
 # ==================================================================================================
-# Shard format (SPEC §2): 256 little-endian int32 header ([0]=20240520 magic, [1]=1 version,
-# [2]=n_tokens), then n_tokens little-endian uint16 ids. File size must be 1024 + 2*n_tokens.
+# Shard format (SPEC §2): 256 int32 header ([0]=20240520 magic, [1]=1 version, [2]=n_tokens), n_tokens uint16 ids; little-endian.
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256
@@ -606,8 +604,7 @@ class TrainLoader:
         self.window, self.micro_batch_seqs, self.grad_accum_steps = seq_len + 1, micro_batch_seqs, grad_accum_steps
         self.seed, self.vocab_size, self.device = seed, vocab_size, runtime.device
         self.pin_memory = torch.cuda.is_available() and runtime.device.type == "cuda"
-        # A window never crosses a shard end. The count per shard is the same for every phase in
-        # [0, seq_len], so an epoch always has the same length and a global index maps to (epoch, slot).
+        # A window never crosses a shard end; its count per shard is the same for any phase in [0, seq_len] (fixed epochs).
         windows_per_shard = [max(0, (len(s) - seq_len) // self.window) for s in self.shards]
         self.shard_first_window = np.cumsum([0] + windows_per_shard)
         self.windows_per_epoch = int(self.shard_first_window[-1])
@@ -741,8 +738,7 @@ def load_tokenizer(path: str, vocab_size: int):
 
 
 def _check_space_piece(sp, where: str) -> None:
-    # The byte rule charges a word's space to the piece that starts with '▁'; a space that BPE could not
-    # merge is the standalone '▁' piece, so without it the accounting would be wrong.
+    # The byte rule charges a word's space to its '▁' piece; a space BPE could not merge is the standalone '▁' piece.
     if sp.id_to_piece(sp.piece_to_id("\u2581")) != "\u2581":
         raise DataError(f"{where}: tokenizer has no standalone '\u2581' piece, so bytes cannot be counted exactly; "
                         "use a tokenizer trained by data/prepare_docs.py")
@@ -1063,8 +1059,7 @@ class Block(nn.Module):
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, lane1: Tensor | None = None,
                 skip: Tensor | None = None, skip_weight: Tensor | None = None, skip_gate: Tensor | None = None, mask=None, lora: LoRATerms | None = None):
         if skip is not None:
-            # U-Net skip (enters lane0): s = w*skip; x = s + sigmoid(g)*(x - s). Done here, inside the
-            # block's compiled region, so that it fuses instead of running as separate kernels.
+            # U-Net skip (into lane0): s = w*skip; x = s + sigmoid(g)*(x - s); here, in the compiled region, it fuses.
             s = skip_weight.to(x.dtype) * skip
             x = s + torch.sigmoid(skip_gate).to(x.dtype) * (x - s)
         if self.mode == "sequential":
@@ -1192,9 +1187,8 @@ def triton_kernels():
         mlp_matmul[grid](*desc, M, N, K, BACKWARD=backward, WRITE_PRE=write_pre)
         return post, pre, dpre
 
-    # The softcap in the kernels: c = cap_pos if x > 0 else cap_neg, u = x/c, e = exp(-2|u|) (no
-    # overflow); tanh(u) = sign(u)(1-e)/(1+e), sech(u)^2 = 4e/(1+e)^2. Written out in each kernel
-    # (the interpreter cannot call a nested jit helper).
+    # The kernels' softcap: c = cap_pos if x > 0 else cap_neg, u = x/c, e = exp(-2|u|) (no overflow); tanh(u) =
+    # sign(u)(1-e)/(1+e), sech(u)^2 = 4e/(1+e)^2, written out in each kernel (the interpreter cannot call a nested jit).
     ce_configs = [triton.Config(dict(BLOCK=b), num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8), (8192, 16))]
 
     @triton.autotune(ce_configs[: 1 if interpret else None], key=["V", "HAS_HINT"], cache_results=True)
@@ -1581,8 +1575,7 @@ class Optimizers:
     def step(self, lr_mult: float, muon_momentum: float) -> Tensor:
         """One update from every parameter's accumulated .grad; returns the global grad norm as a tensor (no host sync)."""
         comm, world = self.runtime.comm, self.runtime.world_size
-        # 1) Launch gradient averaging: each bank reduce-scattered (this rank receives the mean gradient
-        #    of the n_local matrices it owns), AdamW grads packed into one all-reduce.
+        # 1) Launch averaging: banks reduce-scattered (a rank gets the mean gradient of the matrices it owns), AdamW in one all-reduce.
         local_grads = [torch.empty_like(bank.momentum) for bank in self.banks]
         pending = [comm.reduce_scatter_mean(g, bank.stacked_grads(), async_op=True) for g, bank in zip(local_grads, self.banks)]
         adam_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.adam_params]
@@ -1717,8 +1710,7 @@ COMPRESS_CHUNK_BYTES = 1 << 20       # independent chunks, compressed in paralle
 COMPRESSOR_TAGS = {"brotli": b"B", "zstd": b"Z", "lzma": b"L", "rans": b"R"}
 COMPRESSOR_MODULES = {"brotli": "brotli", "zstd": "zstandard", "lzma": "lzma", "rans": "numpy"}  # = pip package names
 
-# The one place that sets compressor levels. It runs in a bare child interpreter per chunk: brotli
-# and lzma hold the GIL, and a `python -c` child starts in ~50 ms (no torch import).
+# The one place that sets compressor levels, run per chunk in a bare child (brotli and lzma hold the GIL; it starts in ~50 ms).
 COMPRESS_CHILD_PROGRAM = """
 import sys
 name, data = sys.argv[1], sys.stdin.buffer.read()
@@ -2066,15 +2058,13 @@ def decompress(blob: bytes) -> bytes:
     return b"".join(parts)
 
 
-# rANS coder for the quantized ints (COMPRESSOR=rans; numpy only). The columns (or rows) of each int tensor are
-# clustered into k classes of similar value distributions (k = 1 when classes do not pay for their labels), each with a
-# symbol table; all ints go through one interleaved rANS stream at ~the entropy under those tables; header, fp16
-# section, labels and tables through lzma. Blob: b"R" | uint32 side length | lzma(side) | uint64 lane states | uint32
-# words.
+# rANS coder for the quantized ints (COMPRESSOR=rans; numpy only): the columns (or rows) of each int tensor are clustered
+# into k classes of similar value distributions (k = 1 when classes do not pay for their labels), each with a symbol
+# table; all ints go through one interleaved rANS stream at ~the entropy under those tables, the rest through lzma.
+# Blob: b"R" | uint32 side length | lzma(side) | uint64 lane states | uint32 words.
 RANS_LANES = 1024                    # interleaved states: numpy steps = ints / lanes; 8 bytes each
 RANS_CLASSES = (1, 2, 4, 8)          # class counts tried per tensor and axis
-# Tables store counts as uint8 codes (0 = absent, else 1 + index of the level <= count): exact below
-# 16, else a 3-bit mantissa; ~0.03% more bits than exact tables.
+# Table counts as uint8 codes (0 = absent, else 1 + index of the level <= count): exact below 16, else a 3-bit mantissa (~0.03% more bits).
 COUNT_LEVELS = np.array(sorted(set(range(1, 16)) | {m << e for m in range(8, 16) for e in range(1, 26)}))
 
 
@@ -2289,8 +2279,7 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
             raise ArtifactBudgetError(
                 f"model needs {len(blob)} bytes > target {target} even at {CLIP_SCALE_RANGE[1]}x clip sigmas; "
                 f"lower MATRIX_BITS/EMBED_BITS or shrink the model")
-        # Bytes that hardly move with the scale, an additive term: LQER's factors (their ints' entropy + fp16
-        # scales) and AWQ-lite's per-row scales (its 8-bit codes are in the RTN entropy).
+        # Bytes hardly moving with the scale: LQER's factors (ints' entropy + fp16 scales), AWQ-lite's per-row scales.
         fixed_bytes = sum(int_entropy_bytes(e["q"]) + 2 * e["scale"].numel() for n, e in quantized.items() if n not in state) \
             + sum(2 * e["awq_scale"].numel() for e in quantized.values() if "awq" in e)
         ratio = (len(blob) - side_bytes - fixed_bytes) / rtn_entropy_bytes(plans, clip_scale)
@@ -2328,9 +2317,8 @@ def load_artifact(blob: bytes, model: nn.Module) -> None:
     model.load_state_dict({name: t.to(reference[name].dtype) for name, t in state.items()}, strict=True)
 
 
-# An artifact file: magic | uint32 length | zlib(JSON of the model and quantization knobs) | weights
-# blob. The config rides along so that EVAL_ONLY rebuilds the model with no other env var; its few
-# hundred bytes count toward the 16,000,000 like everything else in the file.
+# An artifact file: magic | uint32 length | zlib(JSON of the model and quantization knobs) | weights blob. The config lets
+# EVAL_ONLY rebuild the model with no other env var; its few hundred bytes count toward the 16,000,000 like the rest.
 ARTIFACT_MAGIC = b"PGA1"
 
 
@@ -2373,8 +2361,7 @@ def read_saved_weights(path: str) -> tuple[dict, dict]:
                             "REQUANTIZE_FROM takes the .pt saved next to an artifact") from None
 
 
-# The shipped copy runs `exec(SHIPPED_SOURCE)` in its own module namespace, so __name__ ("__main__"
-# under python/torchrun) and __file__ are the launcher's, exactly as for the readable script.
+# The shipped copy runs `exec(SHIPPED_SOURCE)` in its module namespace: __name__ and __file__ are the launcher's, as here.
 SHIPPED_STUB = '# coding: latin-1\nimport lzma as L\nSHIPPED_SOURCE=L.decompress("{payload}".encode("latin-1")).decode()\nexec(SHIPPED_SOURCE)\n'
 
 
@@ -2540,8 +2527,7 @@ def ngram_hints(tokens: Tensor, order: int, threshold: float) -> tuple[Tensor, T
     start = run_start_slots(new)
     total = idx - start + 1
     top = torch.cummax(start + count, 0).values - start  # start+count stays below the next run's start
-    # The top token is the follower of the run's latest record (a count above every earlier one):
-    # the record update `pair_count > top_count`, so ties keep the earlier token.
+    # The top token is the follower of the run's latest record (`pair_count > top_count`): ties keep the earlier token.
     leader = torch.cummax(torch.where(count > torch.where(new, 0, top.roll(1)), idx, 0), 0).values
     gate = ~new & (top.roll(1).double() / total.roll(1).double() >= threshold)  # the state after slot q-1
     hints = torch.zeros(num_targets, dtype=torch.int32, device=tokens.device)
@@ -3084,8 +3070,7 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
         loss = train_step(model, optimizers, loader, grad_accum_steps, lr_mult, muon_momentum_at(step, h))
         step += 1
         averager.update(step, in_warmdown=frac >= 1.0 - h.warmdown_frac)
-        # One small all-reduce per step: every rank sees the same clock (same stop/looping decisions),
-        # the mean loss, and whether any rank diverged.
+        # One small all-reduce per step: the same clock on every rank (same stop/looping decisions), mean loss, divergence.
         stats = torch.tensor([training_seconds + time.perf_counter() - t_resume, float(loss),
                               float(not torch.isfinite(loss))], device=runtime.device, dtype=torch.float64)
         stats = runtime.comm.all_reduce_sum(stats) / runtime.world_size
