@@ -1503,10 +1503,8 @@ class GPT(nn.Module):
 # ==================================================================================================
 # Optimizers: row-normalised Muon (distributed over banks of same-shape matrices) + AdamW
 # ==================================================================================================
-# Classic quintic Newton-Schulz coefficients (a, b, c), the same for every iteration.
-NS_CLASSIC = (3.4445, -4.7750, 2.0315)
-# "Polar Express" (Amsel et al., 2025): per-iteration coefficients that converge faster.
-NS_POLAR_EXPRESS = (
+NS_CLASSIC = (3.4445, -4.7750, 2.0315)  # classic quintic Newton-Schulz coefficients (a, b, c), the same for every iteration
+NS_POLAR_EXPRESS = (  # "Polar Express" (Amsel et al., 2025): per-iteration coefficients that converge faster
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
     (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -1758,8 +1756,7 @@ def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, T
     finally:
         for hook in hooks:
             hook.remove()
-    # One collective for all matrices: flatten, sum, split back.
-    names = sorted(hessians)
+    names = sorted(hessians)  # one collective for all matrices: flatten, sum, split back
     flat = runtime.comm.all_reduce_sum(torch.cat([hessians[n].flatten() for n in names]))
     for name, part in zip(names, flat.split([hessians[n].numel() for n in names])):
         hessians[name] = part.view_as(hessians[name])
@@ -3057,8 +3054,7 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
     synchronize(runtime)
     t_resume = time.perf_counter()
     while step < h.iterations:
-        # The clock every rank agreed on after the previous step.
-        frac = training_progress(step, elapsed, budget, h.iterations)
+        frac = training_progress(step, elapsed, budget, h.iterations)  # on the clock all ranks agreed on after the last step
         if h.num_loops and not model.looping and frac >= h.enable_looping_at:
             model.looping = True
             log(f"looping:on step:{step} train_time:{elapsed * 1000:.0f}ms order:{model.virtual_order()}")
@@ -3079,8 +3075,7 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
         if diverged:
             raise TrainingDiverged(f"train loss is {float(loss)} at step {step}: the run diverged; "
                                    f"lower MATRIX_LR/SCALAR_LR/TIED_EMBED_LR or check the data")
-        # Stop when another step like the last one would overrun the budget: the limit is never crossed.
-        last = elapsed + step_seconds > budget or step >= h.iterations
+        last = elapsed + step_seconds > budget or step >= h.iterations  # stop before a step like the last would overrun
         if step <= 5 or step % h.train_log_every == 0 or last:
             tokens_per_s = step * h.train_batch_tokens / max(elapsed, 1e-9)
             log(f"step:{step}/{h.iterations} train_loss:{mean_loss:.4f} train_time:{elapsed * 1000:.0f}ms "
