@@ -693,8 +693,7 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         """Position of the next batch next_batch() returns (prefetched batches are recomputed on load)."""
-        return {"micro_batches_done": self.micro_batches_done, "seed": self.seed,
-                "sequences_per_step": self.sequences_per_step}
+        return {"micro_batches_done": self.micro_batches_done, "seed": self.seed, "sequences_per_step": self.sequences_per_step}
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed or state["sequences_per_step"] != self.sequences_per_step:
@@ -935,8 +934,7 @@ def declare(module: nn.Module, name: str, value: Tensor, role: Role) -> nn.Param
 class CastedLinear(nn.Linear):
     """fp32 master weights computed in the activations' dtype; a block matrix by default (Muon, GPTQ group `quant`, input Hessian)."""
 
-    def __init__(self, in_features: int, out_features: int, quant: str, zero_init: bool = False,
-                 role: Role | None = None) -> None:
+    def __init__(self, in_features: int, out_features: int, quant: str, zero_init: bool = False, role: Role | None = None) -> None:
         super().__init__(in_features, out_features, bias=False)
         self.roles = {"weight": role or Role("muon", quant, "input")}
         (nn.init.zeros_ if zero_init else nn.init.orthogonal_)(self.weight)
@@ -1221,8 +1219,7 @@ def triton_kernels():
 
     @triton.autotune(ce_configs[: 1 if interpret else None], key=["V"], cache_results=True)
     @triton.jit
-    def ce_backward(z, targets, cap_pos_ptr, cap_neg_ptr, lse_in, grad_nll, dz, dcaps, N, V: tl.constexpr, stride,
-                    BLOCK: tl.constexpr):
+    def ce_backward(z, targets, cap_pos_ptr, cap_neg_ptr, lse_in, grad_nll, dz, dcaps, N, V: tl.constexpr, stride, BLOCK: tl.constexpr):
         """One row, zc recomputed from z: dnll/dzc = g (softmax(zc) - onehot(target)); dz = dzc sech^2(u);
         dcap = dzc d(c tanh(x/c))/dc = dzc (tanh(u) - u sech^2(u)), summed per row for each cap."""
         row = tl.program_id(0).to(tl.int64)
@@ -1444,10 +1441,8 @@ class GPT(nn.Module):
 
     def hidden(self, input_ids: Tensor, lora: DocumentLoRA | None = None) -> Tensor:
         """Final normalised hidden states [B,T,d] (the tied head's input); lora: TTT adapters per virtual layer."""
-        x = self.embed(input_ids)
-        x0, lane1 = x, None
-        cos, sin = self.rope_cos, self.rope_sin
-        mask = None
+        x = x0 = self.embed(input_ids)
+        cos, sin, lane1, mask = self.rope_cos, self.rope_sin, None, None
         if self.h.doc_masked_attention_enabled and lora is None:  # a LoRA TTT row is one document's window: causal is exact
             mask = attention_mask(document_segments(input_ids, self.attention_span), self.blocks[0].attn.backend)
         order = self.virtual_order()
@@ -2026,8 +2021,7 @@ def compress(data: bytes, compressor: str) -> bytes:
     chunks = [data[i : i + COMPRESS_CHUNK_BYTES] for i in range(0, len(data), COMPRESS_CHUNK_BYTES)] or [b""]
 
     def run_child(chunk: bytes) -> bytes:
-        done = subprocess.run([sys.executable, "-c", COMPRESS_CHILD_PROGRAM, compressor], input=chunk,
-                              capture_output=True, check=False)
+        done = subprocess.run([sys.executable, "-c", COMPRESS_CHILD_PROGRAM, compressor], input=chunk, capture_output=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{compressor} compression child failed: {done.stderr.decode(errors='replace').strip()}")
         return done.stdout
@@ -2250,8 +2244,7 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
     plans = plan_quantization(state, roles, hessians, h, device)
 
     # What GPTQ does not touch (fp16 tensors, int8 gates) does not move with the scale: measure it once.
-    side = {n: e for n, e in quantize_state(state, roles, [], 1.0, h.gptq_block_size).items()
-            if roles[n].quant not in GPTQ_GROUPS}
+    side = {n: e for n, e in quantize_state(state, roles, [], 1.0, h.gptq_block_size).items() if roles[n].quant not in GPTQ_GROUPS}
     side_bytes = len(compress(serialize(side), h.compressor)) if side else 0
     ratio, fixed_bytes, attempts, best = 1.0, 0.0, [], None
     gptq_seconds = compress_seconds = 0.0
@@ -2684,9 +2677,7 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
     # One batch size for every chunk (static shapes): the largest per-rank share, capped by VAL_BATCH_TOKENS.
     largest_share = max(math.ceil((b - a) / runtime.world_size) for a, b in zip(window_bounds, window_bounds[1:]))
     batch_windows = max(1, min(h.val_batch_tokens // seq_len, largest_share))
-    params = list(model.parameters())
-    for p in params:
-        p.requires_grad_(True)
+    params = list(model.requires_grad_(True).parameters())
     optimizer = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
     totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
     log_every = max(1, num_chunks // 20)
@@ -2702,8 +2693,7 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
                     train_on_chunk(model, params, optimizer, tokens, chunk_begin, chunk_end, lr, h, runtime, h.ttt_epochs, seq_len)
                 if (c + 1) % log_every == 0 or c == num_chunks - 1:
                     running = eval_result(stage, runtime.comm.all_reduce_sum(totals.clone()), 0.0)
-                    log(f"{stage} chunk:{c + 1}/{num_chunks} running_bpb:{running.bpb:.6f} "
-                        f"elapsed:{time.perf_counter() - t0:.1f}s")
+                    log(f"{stage} chunk:{c + 1}/{num_chunks} running_bpb:{running.bpb:.6f} elapsed:{time.perf_counter() - t0:.1f}s")
     finally:
         optimizer.zero_grad(set_to_none=True)
     runtime.comm.all_reduce_sum(totals)
@@ -2985,8 +2975,7 @@ def train_step(model: GPT, optimizers: Optimizers, loader: TrainLoader, grad_acc
     return total / grad_accum_steps
 
 
-def warm_up_and_reset(model: GPT, optimizers: Optimizers, loader: TrainLoader, h: Hyperparameters,
-                      grad_accum_steps: int) -> None:
+def warm_up_and_reset(model: GPT, optimizers: Optimizers, loader: TrainLoader, h: Hyperparameters, grad_accum_steps: int) -> None:
     """WARMUP_STEPS real steps per graph variant (without and with looping) so that all compilation happens here, then
     the initial weights, optimizer state and data position are restored: warm-up never trains the model."""
     if h.warmup_steps == 0:
