@@ -2415,8 +2415,7 @@ def plain_windows(num_targets: int, seq_len: int) -> Tensor:
 
 def sliding_windows(num_targets: int, seq_len: int, stride: int) -> Tensor:
     """The first window scores its seq_len targets; each later one ends `stride` further and scores only those new targets,
-    so every target sees >= seq_len - stride tokens of context; the last ends at the last target. A stride longer than the
-    window counts as the window length."""
+    so every target sees >= seq_len - stride tokens of context (stride <= seq_len); the last ends at the last target."""
     stride = min(stride, seq_len)
     first_end = min(seq_len, num_targets)
     later_ends = torch.arange(first_end + stride, num_targets + stride, stride).clamp(max=num_targets)
@@ -2426,9 +2425,8 @@ def sliding_windows(num_targets: int, seq_len: int, stride: int) -> Tensor:
 
 
 def split_at_chunks(windows: Tensor, chunk_tokens: int, seq_len: int) -> Tensor:
-    """Cut a sliding plan's scored spans at multiples of chunk_tokens, so each window scores targets of one TTT chunk only;
-    each piece's window still ends where its span ends (its targets keep their context). By default (the stride divides
-    window and chunk) nothing changes."""
+    """Cut a sliding plan's scored spans at multiples of chunk_tokens so each window scores one TTT chunk's targets; a
+    piece's window still ends where its span ends (same context). No change when the stride divides window and chunk."""
     boundaries = torch.arange(0, int(windows[-1, 2]), chunk_tokens)
     cuts = torch.cat((windows[:, 1], boundaries, windows[-1:, 2])).unique()  # sorted
     ends = cuts[1:]
@@ -2496,10 +2494,9 @@ def window_ids(tokens: Tensor, length: int) -> Tensor:
 
 @torch.no_grad()
 def ngram_hints(tokens: Tensor, order: int, threshold: float) -> tuple[Tensor, Tensor]:
-    """(hints int32, gates bool) per target of `tokens`; an incomplete or new context gives hint 0 and no gate.
-    Vectorised: a stable sort by context groups each context's occurrences in stream order (contexts seen once dropped);
-    a second by (context, follower) gives running pair counts; the running top is a cummax per run, and
-    read-before-update a shift by one slot."""
+    """(hints int32, gates bool) per target of `tokens` (hint 0, no gate: context incomplete or new). Vectorised: a stable
+    sort by context groups each context's occurrences in stream order (contexts seen once dropped); a second by (context,
+    follower) gives running pair counts; the running top is a cummax per run; read-before-update a one-slot shift."""
     num_targets, k = tokens.numel() - 1, order - 1
     if num_targets < k:
         hints = torch.zeros(max(num_targets, 0), dtype=torch.int32, device=tokens.device)
