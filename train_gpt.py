@@ -1,16 +1,15 @@
 """Parameter Golf training script: train, quantize, pack and score a small language model.
 
-One readable file, launched as `torchrun --nproc_per_node=8 train_gpt.py` (or plain `python
-train_gpt.py` for one process, CPU included). It trains a GQA transformer with depth recurrence,
-parallel residuals and U-Net skips under a wallclock budget, averages the weights (EMA), squeezes
-them into a <= 16,000,000-byte artifact with full-Hessian GPTQ, reloads that artifact and reports
-bits per byte on the validation text (plain, sliding window and legal score-first TTT).
+One readable file, launched as `torchrun --nproc_per_node=8 train_gpt.py` (or plain `python train_gpt.py`
+for one process, CPU included). It trains a GQA transformer with depth recurrence, parallel residuals and
+U-Net skips under a wallclock budget, averages the weights (EMA), squeezes them into a <= 16,000,000-byte
+artifact with full-Hessian GPTQ, reloads it and reports bits per byte on the validation text (plain,
+sliding window and legal score-first TTT).
 
-Rules that keep it readable: every knob is an env var declared in the config section; there is one
-forward pass (`GPT.forward`) used by training, evaluation, GPTQ calibration and TTT alike; sections
-follow the data flow: config -> distributed/logging -> data -> model -> optimizers -> schedule ->
-quantization/packing -> evaluation/TTT -> main. The shipped submission copy of this file is
-generated (minified + compressed) by the script itself; this source stays readable.
+Rules that keep it readable: every knob is an env var declared in the config section; one forward pass
+(`GPT.forward`) serves training, evaluation, GPTQ calibration and TTT; sections follow the data flow:
+config -> distributed/logging -> data -> model -> optimizers -> schedule -> quantization/packing ->
+evaluation/TTT -> main. The shipped copy of this file is generated (minified + compressed) by the script.
 """
 from __future__ import annotations
 
@@ -22,7 +21,6 @@ import functools
 import glob
 import hashlib
 import importlib.metadata
-import io
 import json
 import linecache
 import math
@@ -62,8 +60,7 @@ class Knob:
 
 
 CONFIG_REGISTRY: dict[str, Knob] = {}
-# Sections whose knobs define the artifact: an artifact stores their values, and EVAL_ONLY /
-# REQUANTIZE_FROM rebuild the model from them (a conflicting env var is refused).
+# Sections whose knobs define the artifact: stored in it; EVAL_ONLY / REQUANTIZE_FROM rebuild the model from them.
 ARTIFACT_SECTIONS = ("model", "quantization")
 _section = "data"
 _fixed: dict[str, object] = {}  # knob values that come from an artifact (see Hyperparameters(fixed=...))
@@ -109,8 +106,7 @@ def env_int(name: str, default: int, help: str, min_value: int | None = None, ma
     return _env_number(name, "int", default, help, min_value, max_value)
 
 
-def env_float(name: str, default: float, help: str, min_value: float | None = None,
-              max_value: float | None = None) -> float:
+def env_float(name: str, default: float, help: str, min_value: float | None = None, max_value: float | None = None) -> float:
     return _env_number(name, "float", default, help, min_value, max_value)
 
 
@@ -144,9 +140,8 @@ def config_section(name: str):
 
 
 class Hyperparameters:
-    """All knobs, in sections. Defaults are the best measured configuration (README "Choices").
-    `fixed` holds knob values read from an artifact (EVAL_ONLY, REQUANTIZE_FROM): they replace
-    the defaults, and an env var that disagrees with one of them is a ConfigError."""
+    """All knobs, in sections; defaults are the best measured configuration (README "Choices"). `fixed`: knob values
+    read from an artifact (EVAL_ONLY, REQUANTIZE_FROM); they replace the defaults, and a disagreeing env var is refused."""
 
     def __init__(self, fixed: dict | None = None) -> None:
         global _fixed
@@ -374,11 +369,9 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 
 class Comm:
-    """Every collective of the script, each one torch.distributed call with NCCL's semantics. gloo runs
-    the very same calls on CPU (torch >= 2.8 has reduce-scatter with AVG and all-gather into one tensor),
-    so the multi-process CPU tests run the slicing, padding and averaging the GPUs run. Without a process
-    group (plain `python`) each call is the identity; with one, even of a single rank, the real calls run.
-    async_op=True returns a handle to wait() on."""
+    """Every collective of the script, each one torch.distributed call with NCCL's semantics; gloo runs the same calls on
+    CPU (torch >= 2.8), so the multi-process CPU tests run the slicing, padding and averaging the GPUs run. Without a
+    process group (plain `python`) each call is the identity. async_op=True returns a handle."""
 
     def __init__(self, active: bool = False, store=None) -> None:
         self.active, self.store = active, store
@@ -413,9 +406,8 @@ class Comm:
         return holder[0]
 
     def first_failure(self, line: str) -> tuple[str, bool]:
-        """(the job's first failure line, whether it is this rank's): each failing rank offers its line to
-        the rendezvous store; the first one stays, so a rank whose collective broke because a peer died
-        reports the peer's error. Without a store (or with its host gone) a rank reports its own."""
+        """(the job's first failure line, whether it is this rank's): each failing rank offers its line to the store;
+        the first stays, so a rank whose collective broke because a peer died reports the peer's error."""
         if self.store is None:
             return line, True
         try:
@@ -427,8 +419,7 @@ class Comm:
 
 @dataclass
 class Runtime:
-    """Where this process runs: rank, world size, device and its collectives, set once by `setup_distributed`.
-    Built while a process group exists, it communicates through that group by default."""
+    """Where this process runs: rank, world size, device and collectives (through the process group if one exists)."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -448,18 +439,14 @@ class Runtime:
 
 
 def setup_distributed(timeout_seconds: float) -> Runtime:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK and gets a process group, even with one rank (so a one-GPU
-    torchrun run takes the 8-GPU code path); plain `python` is one process without one. NCCL on CUDA,
-    gloo on CPU. A collective that waits longer than timeout_seconds fails the job (NCCL's watchdog
-    ends the process), so a rank stuck or gone does not hold the others for NCCL's default 10 minutes."""
+    """torchrun: a process group (NCCL on CUDA, gloo on CPU) even for one rank, so one GPU takes the 8-GPU code path; plain
+    `python`: none. A collective waiting over timeout_seconds fails the job (not NCCL's default 10 minutes)."""
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return Runtime(rank, world_size, local_rank, device)
     timeout = datetime.timedelta(seconds=timeout_seconds)
@@ -502,9 +489,7 @@ def log_nothing(msg: str = "", console: bool = True) -> None:
 # ==================================================================================================
 # Data: shards, training loader, validation tokens, exact byte accounting
 # ==================================================================================================
-# Shard format (SPEC §2): 256 little-endian int32 header ([0]=20240520 magic, [1]=1 version,
-# [2]=n_tokens), then n_tokens little-endian uint16 ids. File size must be 1024 + 2*n_tokens.
-
+# Shard format (SPEC §2): 256 int32 header ([0]=20240520 magic, [1]=1 version, [2]=n_tokens), n_tokens uint16 ids; little-endian.
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256
@@ -580,10 +565,10 @@ def read_dataset_manifest(dataset_dir: str) -> dict:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: unreadable manifest ({error}); rebuild the dataset or delete the file") from None
+
+
 def dataset_provenance(h: Hyperparameters, val_tokens: Tensor) -> dict:
-    """What the run is scored on, for the config event and records: the dataset's manifest.json (written by
-    data/prepare_docs.py or data/cached_challenge_fineweb.py), its validation documents (one BOS each) and
-    the tokenizer. Without a manifest only a FineWeb folder name is left to go on."""
+    """What the run is scored on (config event, records): manifest.json, validation documents (one BOS each), tokenizer."""
     manifest, path = read_dataset_manifest(h.dataset_dir), Path(h.dataset_dir, "manifest.json")
     source = manifest.get("source", {})
     kind = {"local documents": "local_docs", "hub": "fineweb"}.get(source.get("kind"))
@@ -604,12 +589,9 @@ def _check_not_validation(files: list[str]) -> None:
 
 
 class TrainLoader:
-    """Training batches: non-overlapping (seq_len+1)-token windows in a SEED-shuffled global order.
-
-    Optimizer step s consumes the global windows [s*G, (s+1)*G) (G = sequences per step); rank r at
-    micro-step m reads its own contiguous slice of them, so the data seen per step is the same for
-    any world size. A background thread prepares the next micro-batch in pinned memory.
-    """
+    """Training batches: non-overlapping (seq_len+1)-token windows in a SEED-shuffled global order. Step s consumes
+    the global windows [s*G, (s+1)*G) (G = sequences per step), each rank at each micro-step its own contiguous slice,
+    so the data per step is the same for any world size. A background thread prepares the next micro-batch (pinned)."""
 
     def __init__(self, files: list[str], seq_len: int, micro_batch_seqs: int, grad_accum_steps: int,
                  runtime: Runtime, seed: int, vocab_size: int) -> None:
@@ -619,15 +601,10 @@ class TrainLoader:
         self.files = list(files)
         # Plain ndarray views of the memory maps (cheaper to slice); ids are range-checked per batch, not by a full scan.
         self.shards = [np.asarray(read_shard(f)) for f in self.files]
-        self.window = seq_len + 1
-        self.micro_batch_seqs = micro_batch_seqs
-        self.grad_accum_steps = grad_accum_steps
-        self.seed = seed
-        self.vocab_size = vocab_size
-        self.device = runtime.device
+        self.window, self.micro_batch_seqs, self.grad_accum_steps = seq_len + 1, micro_batch_seqs, grad_accum_steps
+        self.seed, self.vocab_size, self.device = seed, vocab_size, runtime.device
         self.pin_memory = torch.cuda.is_available() and runtime.device.type == "cuda"
-        # A window never crosses a shard end. The count per shard is the same for every phase in
-        # [0, seq_len], so an epoch always has the same length and a global index maps to (epoch, slot).
+        # A window never crosses a shard end; its count per shard is the same for any phase in [0, seq_len] (fixed epochs).
         windows_per_shard = [max(0, (len(s) - seq_len) // self.window) for s in self.shards]
         self.shard_first_window = np.cumsum([0] + windows_per_shard)
         self.windows_per_epoch = int(self.shard_first_window[-1])
@@ -716,8 +693,7 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         """Position of the next batch next_batch() returns (prefetched batches are recomputed on load)."""
-        return {"micro_batches_done": self.micro_batches_done, "seed": self.seed,
-                "sequences_per_step": self.sequences_per_step}
+        return {"micro_batches_done": self.micro_batches_done, "seed": self.seed, "sequences_per_step": self.sequences_per_step}
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed or state["sequences_per_step"] != self.sequences_per_step:
@@ -761,8 +737,7 @@ def load_tokenizer(path: str, vocab_size: int):
 
 
 def _check_space_piece(sp, where: str) -> None:
-    # The byte rule charges a word's space to the piece that starts with '▁'; a space that BPE could not
-    # merge is the standalone '▁' piece, so without it the accounting would be wrong.
+    # The byte rule charges a word's space to its '▁' piece; a space BPE could not merge is the standalone '▁' piece.
     if sp.id_to_piece(sp.piece_to_id("\u2581")) != "\u2581":
         raise DataError(f"{where}: tokenizer has no standalone '\u2581' piece, so bytes cannot be counted exactly; "
                         "use a tokenizer trained by data/prepare_docs.py")
@@ -797,10 +772,9 @@ def is_caseops(sp, manifest: dict) -> bool:
 
 
 def validation_target_bytes(dataset_dir: str, val_tokens: Tensor, tables: ByteTables, caseops: bool, log=log_nothing) -> Tensor:
-    """Bytes of every target (int32 [len(val_tokens) - 1]; target i is val_tokens[i+1]): the bpb denominator
-    of every evaluation. From the dataset's byte side-car when it has one (entry j = original UTF-8 bytes of
-    token j), else from the tokenizer's tables. CaseOps pieces spell the transformed text, not the original,
-    so a CaseOps dataset must have the side-car; one with a small validation split gets a warning."""
+    """Bytes of every target (int32 [len(val_tokens) - 1]; target i is val_tokens[i+1]), the bpb denominator: from the
+    dataset's byte side-car if any (entry j = original UTF-8 bytes of token j), else the tokenizer's tables. CaseOps
+    pieces spell the transformed text, not the original, so a CaseOps dataset must have the side-car."""
     sidecars = sorted(glob.glob(os.path.join(dataset_dir, BYTE_SIDECAR_GLOB)))
     if not sidecars:
         if caseops:
@@ -824,11 +798,9 @@ def validation_target_bytes(dataset_dir: str, val_tokens: Tensor, tables: ByteTa
 # Model
 # ==================================================================================================
 def select_attention_backend(device: torch.device, unavailable: list[str] | None = None, doc_masked: bool = False) -> str:
-    """The first that works of: FA3 (flash_attn_interface); FA4 (pip install flash-attn-4) run as SDPA's
-    flash backend through torch's flash-attention registry, which this activates; SDPA with the cuDNN
-    backend. With document masking on CUDA: FlexAttention with a block mask (as fast as cuDNN's causal
-    kernel, measured: docs/BENCHMARKS.md). SDPA's default on CPU (with an explicit mask when documents
-    are masked). Why each skipped one is unusable is appended to `unavailable`."""
+    """On CUDA the first that works of FA3 (flash_attn_interface), FA4 (pip install flash-attn-4; activated here as SDPA's
+    flash backend) and SDPA with cuDNN; with document masking FlexAttention with a block mask (as fast as cuDNN's causal
+    kernel: docs/BENCHMARKS.md). SDPA's default on CPU. Why each skipped one is unusable is appended to `unavailable`."""
     unavailable = [] if unavailable is None else unavailable
     if device.type != "cuda":
         return "sdpa"
@@ -851,8 +823,7 @@ def select_attention_backend(device: torch.device, unavailable: list[str] | None
 
 
 def document_segments(input_ids: Tensor, span: int | None) -> Tensor:
-    """Segment id per position [B,T]: the count of BOS up to it (its document), and with a span, also
-    its piece (position - document start) // span, so no piece is longer than the span."""
+    """Segment id per position [B,T]: its document (count of BOS so far), with a span also its piece (position - doc start) // span."""
     starts = input_ids == BOS_ID
     segments = torch.cumsum(starts, dim=1)
     if span is None:
@@ -863,11 +834,10 @@ def document_segments(input_ids: Tensor, span: int | None) -> Tensor:
 
 
 def attention_mask(segments: Tensor, backend: str, block: int = 128):
-    """What causal_attention takes to keep each query inside its segment: for SDPA the segment ids
-    themselves; for FlexAttention a BlockMask (built once per forward, shared by every layer) from
-    block-level segment ranges, since segment ids never decrease along a row: kv block j is skipped for
-    query block i when its last segment precedes i's first, kept whole when j < i and both lie in one
-    segment, and masked element-wise otherwise (8x cheaper than create_block_mask's pairwise scan)."""
+    """What causal_attention takes to keep each query in its segment: for SDPA the segment ids; for FlexAttention a
+    BlockMask (one per forward, shared by every layer) from block-level segment ranges, since segment ids never decrease
+    along a row: kv block j is skipped for query block i when its last segment precedes i's first, kept whole when j < i
+    and both lie in one segment, else masked element-wise (8x cheaper than create_block_mask's pairwise scan)."""
     if backend != "flex":
         return segments
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask
@@ -890,8 +860,7 @@ def attention_mask(segments: Tensor, backend: str, block: int = 128):
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, mask=None) -> Tensor:
-    """Causal GQA attention. q [B,T,H,D], k/v [B,T,KV,D] -> [B,T,H,D]. With a mask (attention_mask) a
-    query also sees only keys of its own segment."""
+    """Causal GQA attention, q [B,T,H,D], k/v [B,T,KV,D] -> [B,T,H,D]; with a mask (attention_mask) within segments."""
     if mask is not None:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if backend == "flex":
@@ -955,8 +924,7 @@ SCALAR = Role("scalar", "fp16")  # gains, mixes, scales: AdamW, stored in fp16
 
 
 def declare(module: nn.Module, name: str, value: Tensor, role: Role) -> nn.Parameter:
-    """Register `value` as parameter `name` of `module` with its role (kept in module.roles, which,
-    unlike attributes of a Parameter, survives deepcopy)."""
+    """Register `value` as parameter `name` of `module` with its role (module.roles, unlike Parameter attributes, survives deepcopy)."""
     param = nn.Parameter(value)
     module.register_parameter(name, param)
     module.__dict__.setdefault("roles", {})[name] = role
@@ -964,17 +932,12 @@ def declare(module: nn.Module, name: str, value: Tensor, role: Role) -> nn.Param
 
 
 class CastedLinear(nn.Linear):
-    """Linear layer with fp32 master weights, computed in the activations' dtype (bf16 on GPU).
-    A block matrix by default (Muon, GPTQ in clip group `quant`, Hessian from its input)."""
+    """fp32 master weights computed in the activations' dtype; a block matrix by default (Muon, GPTQ group `quant`, input Hessian)."""
 
-    def __init__(self, in_features: int, out_features: int, quant: str, zero_init: bool = False,
-                 role: Role | None = None) -> None:
+    def __init__(self, in_features: int, out_features: int, quant: str, zero_init: bool = False, role: Role | None = None) -> None:
         super().__init__(in_features, out_features, bias=False)
         self.roles = {"weight": role or Role("muon", quant, "input")}
-        if zero_init:
-            nn.init.zeros_(self.weight)
-        else:
-            nn.init.orthogonal_(self.weight)
+        (nn.init.zeros_ if zero_init else nn.init.orthogonal_)(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.to(x.dtype))
@@ -999,8 +962,7 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
-    """XSA: remove from each head's output its component along its own position's value vector,
-    y -= (y . v_hat) v_hat, where v_hat is the normalised value of the head's KV group."""
+    """XSA: y -= (y . v_hat) v_hat per head, v_hat the normalised value of the head's KV group at the same position."""
     B, T, H, D = y.shape
     kv_heads = v.size(2)
     y = y.view(B, T, kv_heads, H // kv_heads, D)
@@ -1095,8 +1057,7 @@ class Block(nn.Module):
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, lane1: Tensor | None = None,
                 skip: Tensor | None = None, skip_weight: Tensor | None = None, skip_gate: Tensor | None = None, mask=None, lora: LoRATerms | None = None):
         if skip is not None:
-            # U-Net skip (enters lane0): s = w*skip; x = s + sigmoid(g)*(x - s). Done here, inside the
-            # block's compiled region, so that it fuses instead of running as separate kernels.
+            # U-Net skip (into lane0): s = w*skip; x = s + sigmoid(g)*(x - s); here, in the compiled region, it fuses.
             s = skip_weight.to(x.dtype) * skip
             x = s + torch.sigmoid(skip_gate).to(x.dtype) * (x - s)
         if self.mode == "sequential":
@@ -1122,10 +1083,9 @@ def softcap(z: Tensor, cap_pos: Tensor, cap_neg: Tensor) -> Tensor:
 
 def softcap_cross_entropy(z: Tensor, target_ids: Tensor, cap_pos: Tensor, cap_neg: Tensor,
                           hint_ids: Tensor | None = None, fused: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Per-token fp32 loss of softcapped logits: nll = logsumexp(zc) - zc[target], zc = softcap(z).
-    z [N, V] raw logits (any float dtype), targets [N]; the caps are 0-dim tensors and receive
-    gradients. With hint_ids [N] it also returns -log p(hint) from the same distribution (no grad).
-    fused=True runs the Triton kernel (Kernels section) where Triton can run; this body is its reference."""
+    """Per-token fp32 loss of softcapped logits: nll = logsumexp(zc) - zc[target], zc = softcap(z), z [N, V] raw logits
+    (any float dtype), targets [N], caps 0-dim tensors (they get gradients). With hint_ids [N] also -log p(hint) from the
+    same distribution (no grad). fused=True: the Triton kernel where Triton can run; this body is its reference."""
     if fused and triton_runs_on(z):
         nll, _, hint_nll = torch.ops.pgolf.softcap_ce(z.contiguous(), target_ids, cap_pos, cap_neg, hint_ids)
         return nll, (None if hint_ids is None else hint_nll.detach())
@@ -1137,13 +1097,12 @@ def softcap_cross_entropy(z: Tensor, target_ids: Tensor, cap_pos: Tensor, cap_ne
 
 
 # --------------------------------------------------------------------------------------------------
-# Kernels (Triton): fused LeakyReLU(0.5)^2 MLP and fused softcapped cross-entropy. Each replaces a
-# plain PyTorch expression that stays the CPU path and the tests' reference:
+# Kernels (Triton): fused LeakyReLU(0.5)^2 MLP and fused softcapped cross-entropy. Each replaces a plain PyTorch
+# expression that stays the CPU path and the tests' reference:
 #   MLP.forward:            y = down(leaky_relu(up(x), 0.5)^2)
 #   softcap_cross_entropy:  nll = logsumexp(zc) - zc[target], zc = softcap(z)
-# They run where Triton can run them (CUDA tensors; any tensor under TRITON_INTERPRET=1) unless
-# FUSED_KERNELS=off. Triton is imported on first use. The launches sit inside torch.library ops, so
-# torch.compile sees one opaque op with a shape function instead of tracing into Triton.
+# They run where Triton can (CUDA tensors; any tensor under TRITON_INTERPRET=1) unless FUSED_KERNELS=off; Triton is
+# imported on first use. The launches sit in torch.library ops: torch.compile sees one opaque op, not Triton.
 # --------------------------------------------------------------------------------------------------
 def triton_available() -> bool:
     """Triton >= 3.4 is installed (host-side TMA descriptors, autotune result caching); not imported here."""
@@ -1226,17 +1185,15 @@ def triton_kernels():
         mlp_matmul[grid](*desc, M, N, K, BACKWARD=backward, WRITE_PRE=write_pre)
         return post, pre, dpre
 
-    # The softcap in the kernels: c = cap_pos if x > 0 else cap_neg, u = x/c, e = exp(-2|u|) (no
-    # overflow); tanh(u) = sign(u)(1-e)/(1+e), sech(u)^2 = 4e/(1+e)^2. Written out in each kernel
-    # (the interpreter cannot call a nested jit helper).
+    # The kernels' softcap: c = cap_pos if x > 0 else cap_neg, u = x/c, e = exp(-2|u|) (no overflow); tanh(u) =
+    # sign(u)(1-e)/(1+e), sech(u)^2 = 4e/(1+e)^2, written out in each kernel (the interpreter cannot call a nested jit).
     ce_configs = [triton.Config(dict(BLOCK=b), num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8), (8192, 16))]
 
     @triton.autotune(ce_configs[: 1 if interpret else None], key=["V", "HAS_HINT"], cache_results=True)
     @triton.jit
     def ce_forward(z, targets, hints, cap_pos_ptr, cap_neg_ptr, nll, lse_out, hint_nll, V: tl.constexpr, stride,
                    HAS_HINT: tl.constexpr, BLOCK: tl.constexpr):
-        """One row in one read of z: lse = logsumexp(zc) by an online max/sum over chunks of BLOCK;
-        zc[target] and zc[hint] are picked up on the way."""
+        """One row in one read of z: lse = logsumexp(zc) by online max/sum over BLOCK chunks, picking up zc[target] and zc[hint]."""
         row = tl.program_id(0).to(tl.int64)
         z_row = z + row * stride
         cap_pos, cap_neg = tl.load(cap_pos_ptr).to(tl.float32), tl.load(cap_neg_ptr).to(tl.float32)
@@ -1262,8 +1219,7 @@ def triton_kernels():
 
     @triton.autotune(ce_configs[: 1 if interpret else None], key=["V"], cache_results=True)
     @triton.jit
-    def ce_backward(z, targets, cap_pos_ptr, cap_neg_ptr, lse_in, grad_nll, dz, dcaps, N, V: tl.constexpr, stride,
-                    BLOCK: tl.constexpr):
+    def ce_backward(z, targets, cap_pos_ptr, cap_neg_ptr, lse_in, grad_nll, dz, dcaps, N, V: tl.constexpr, stride, BLOCK: tl.constexpr):
         """One row, zc recomputed from z: dnll/dzc = g (softmax(zc) - onehot(target)); dz = dzc sech^2(u);
         dcap = dzc d(c tanh(x/c))/dc = dzc (tanh(u) - u sech^2(u)), summed per row for each cap."""
         row = tl.program_id(0).to(tl.int64)
@@ -1315,8 +1271,7 @@ def _(dy, w_down, pre):
 
 
 class FusedLeakyReLUSquareMLP(torch.autograd.Function):
-    """y = down(leaky_relu(x @ up^T, 0.5)^2) with the activation in the matmul epilogues; keeps only
-    pre (as the plain path under compile does) and recomputes post in the backward kernel."""
+    """y = down(leaky_relu(x @ up^T, 0.5)^2), activation in the matmul epilogues; keeps only pre, recomputes post in backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
@@ -1393,9 +1348,8 @@ softcap_ce.register_autograd(_softcap_ce_grad, setup_context=_softcap_ce_setup)
 
 
 class SoftcapHead(nn.Module):
-    """Tied output head and loss: logits = softcap(h @ E^T) in fp32 (the matmul in the activations'
-    dtype); per-token cross-entropy if targets are given. A parameterless module (E and the caps
-    (c+, c-) are passed in) so that it can be compiled on its own."""
+    """Tied output head and loss: logits = softcap(h @ E^T) in fp32 (matmul in the activations' dtype), cross-entropy if
+    targets are given. Parameterless (E and the caps (c+, c-) are passed in) so that it can be compiled on its own."""
 
     def __init__(self, fused: bool = False) -> None:
         super().__init__()
@@ -1419,8 +1373,7 @@ class SoftcapHead(nn.Module):
 
 @contextlib.contextmanager
 def looping_enabled(model: nn.Module):
-    """Evaluation, GPTQ calibration and TTT always run the model with depth recurrence; the
-    previous flag (training may not have switched it on yet) is restored afterwards."""
+    """Evaluation, GPTQ calibration and TTT always run with depth recurrence; the previous flag is restored afterwards."""
     previous, model.looping = model.looping, True
     try:
         yield model
@@ -1429,8 +1382,7 @@ def looping_enabled(model: nn.Module):
 
 
 def loop_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: int, looping: bool) -> list[int]:
-    """Virtual layer order: with looping, layers loop_start..loop_end run num_loops+1 times,
-    e.g. 0,1,2,3,4,5,3,4,5,3,4,5,6,...,10 for 11 layers, span 3..5, 2 loops."""
+    """Virtual layer order: with looping, loop_start..loop_end run num_loops+1 times, e.g. 0,1,2,3,4,5,3,4,5,3,4,5,6,...,10."""
     order = list(range(num_layers))
     if not looping or num_loops == 0:
         return order
@@ -1439,8 +1391,7 @@ def loop_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: in
 
 
 class GPT(nn.Module):
-    """The model. forward(input_ids, target_ids, reduction) is the single forward path used by
-    training, evaluation, GPTQ calibration and TTT. Set `looping` to switch depth recurrence."""
+    """The model; forward() is the one forward path of training, evaluation, GPTQ calibration and TTT; `looping` switches recurrence."""
 
     def __init__(self, h: Hyperparameters, backend: str = "sdpa") -> None:
         super().__init__()
@@ -1490,10 +1441,8 @@ class GPT(nn.Module):
 
     def hidden(self, input_ids: Tensor, lora: DocumentLoRA | None = None) -> Tensor:
         """Final normalised hidden states [B,T,d] (the tied head's input); lora: TTT adapters per virtual layer."""
-        x = self.embed(input_ids)
-        x0, lane1 = x, None
-        cos, sin = self.rope_cos, self.rope_sin
-        mask = None
+        x = x0 = self.embed(input_ids)
+        cos, sin, lane1, mask = self.rope_cos, self.rope_sin, None, None
         if self.h.doc_masked_attention_enabled and lora is None:  # a LoRA TTT row is one document's window: causal is exact
             mask = attention_mask(document_segments(input_ids, self.attention_span), self.blocks[0].attn.backend)
         order = self.virtual_order()
@@ -1549,10 +1498,8 @@ class GPT(nn.Module):
 # ==================================================================================================
 # Optimizers: row-normalised Muon (distributed over banks of same-shape matrices) + AdamW
 # ==================================================================================================
-# Classic quintic Newton-Schulz coefficients (a, b, c), the same for every iteration.
-NS_CLASSIC = (3.4445, -4.7750, 2.0315)
-# "Polar Express" (Amsel et al., 2025): per-iteration coefficients that converge faster.
-NS_POLAR_EXPRESS = (
+NS_CLASSIC = (3.4445, -4.7750, 2.0315)  # classic quintic Newton-Schulz coefficients (a, b, c), the same for every iteration
+NS_POLAR_EXPRESS = (  # "Polar Express" (Amsel et al., 2025): per-iteration coefficients that converge faster
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
     (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -1568,8 +1515,7 @@ def newton_schulz(g: Tensor, steps: int, polar_express: bool) -> Tensor:
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
-    # Polar Express's coefficients were derived for a spectrum shrunk by a 2% safety factor (1.02,
-    # as in modded-nanogpt, the source of these coefficients).
+    # Polar Express's coefficients assume a spectrum shrunk by a 2% safety factor (1.02, as in modded-nanogpt, their source).
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * (1.02 if polar_express else 1.0) + 1e-7)
     for i in range(steps):
         a, b, c = NS_POLAR_EXPRESS[min(i, len(NS_POLAR_EXPRESS) - 1)] if polar_express else NS_CLASSIC
@@ -1581,23 +1527,18 @@ def newton_schulz(g: Tensor, steps: int, polar_express: bool) -> Tensor:
 
 
 class MuonBank:
-    """Same-shape matrices trained together. Gradients are stacked into one [n_pad, rows, cols]
-    tensor (n_pad = n rounded up to the world size); each rank owns n_pad/world of them: it keeps
-    their momentum and orthogonalises them, and the updates are all-gathered."""
+    """Same-shape matrices trained together. Gradients are stacked into one [n_pad, rows, cols] tensor (n_pad = n rounded
+    up to the world size); each rank owns n_pad/world of them (momentum, orthogonalisation); updates are all-gathered."""
 
     def __init__(self, params: list[nn.Parameter], runtime: Runtime) -> None:
-        self.params = params
-        self.runtime = runtime
-        world = runtime.world_size
+        self.params, world = params, runtime.world_size
         self.n_pad = math.ceil(len(params) / world) * world
         self.n_local = self.n_pad // world
-        rows, cols = params[0].shape
-        self.shape = (rows, cols)
-        self.momentum = torch.zeros(self.n_local, rows, cols, device=params[0].device, dtype=params[0].dtype)
+        self.shape = tuple(params[0].shape)  # (rows, cols)
+        self.momentum = params[0].new_zeros(self.n_local, *self.shape)
 
     def stacked_grads(self) -> Tensor:
-        rows, cols = self.shape
-        g = torch.zeros(self.n_pad, rows, cols, device=self.params[0].device, dtype=self.params[0].dtype)
+        g = self.params[0].new_zeros(self.n_pad, *self.shape)
         for i, p in enumerate(self.params):
             if p.grad is not None:
                 g[i].copy_(p.grad)
@@ -1605,11 +1546,9 @@ class MuonBank:
 
 
 class Optimizers:
-    """One step of the whole optimizer: gradient averaging across ranks (no DDP), global norm clip,
-    row-normalised Muon on the block matrices (sharded by banks) and AdamW on everything else.
-
-    Muon (SPEC §4): b = mu*b + g; u = g + mu*b (Nesterov); each row of u divided by its L2 norm;
-    u = NewtonSchulz(u) * sqrt(max(1, rows/cols)); W *= 1 - lr*wd; W -= lr*u."""
+    """One step of the whole optimizer: gradient averaging across ranks (no DDP), global norm clip, row-normalised Muon
+    on the block matrices (sharded by banks), AdamW on the rest. Muon (SPEC §4): b = mu*b + g; u = g + mu*b (Nesterov);
+    each row of u divided by its L2 norm; u = NewtonSchulz(u) * sqrt(max(1, rows/cols)); W *= 1 - lr*wd; W -= lr*u."""
 
     def __init__(self, model: GPT, h: Hyperparameters, runtime: Runtime) -> None:
         self.h, self.runtime = h, runtime
@@ -1627,11 +1566,9 @@ class Optimizers:
 
     @torch.no_grad()
     def step(self, lr_mult: float, muon_momentum: float) -> Tensor:
-        """Apply one update from the accumulated .grad of every parameter; returns the global grad norm
-        as a device tensor (reading it would force a host sync every step)."""
+        """One update from every parameter's accumulated .grad; returns the global grad norm as a tensor (no host sync)."""
         comm, world = self.runtime.comm, self.runtime.world_size
-        # 1) Launch gradient averaging: each bank reduce-scattered (this rank receives the mean gradient
-        #    of the n_local matrices it owns), AdamW grads packed into one all-reduce.
+        # 1) Launch averaging: banks reduce-scattered (a rank gets the mean gradient of the matrices it owns), AdamW in one all-reduce.
         local_grads = [torch.empty_like(bank.momentum) for bank in self.banks]
         pending = [comm.reduce_scatter_mean(g, bank.stacked_grads(), async_op=True) for g, bank in zip(local_grads, self.banks)]
         adam_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.adam_params]
@@ -1666,28 +1603,23 @@ class Optimizers:
         return grad_norm
 
     def _muon_update(self, bank: MuonBank, g: Tensor, momentum: float) -> Tensor:
-        buf = bank.momentum
-        buf.mul_(momentum).add_(g)
-        u = g + momentum * buf
+        bank.momentum.mul_(momentum).add_(g)
+        u = g + momentum * bank.momentum
         u = u / (u.norm(dim=-1, keepdim=True) + 1e-7)  # row normalisation (MuonEq-R)
         u = newton_schulz(u, self.h.muon_ns_steps, self.h.muon_polar_express)
-        rows, cols = bank.shape
-        return u * math.sqrt(max(1.0, rows / cols))
+        return u * math.sqrt(max(1.0, bank.shape[0] / bank.shape[1]))
 
     def _apply(self, bank: MuonBank, updates: Tensor, work, lr: float) -> None:
         work.wait()
-        decay = 1.0 - lr * self.h.muon_wd
-        params = bank.params
-        torch._foreach_mul_(params, decay)
-        torch._foreach_add_(params, list(updates[: len(params)].unbind(0)), alpha=-lr)
+        torch._foreach_mul_(bank.params, 1.0 - lr * self.h.muon_wd)
+        torch._foreach_add_(bank.params, list(updates[: len(bank.params)].unbind(0)), alpha=-lr)
 
     def zero_grad(self) -> None:
         for p in [p for bank in self.banks for p in bank.params] + self.adam_params:
             p.grad = None
 
     def state_dict(self) -> dict:
-        return {"adam": copy.deepcopy(self.adam.state_dict()),
-                "muon": [bank.momentum.clone() for bank in self.banks]}
+        return {"adam": copy.deepcopy(self.adam.state_dict()), "muon": [bank.momentum.clone() for bank in self.banks]}
 
     def load_state_dict(self, state: dict) -> None:
         self.adam.load_state_dict(copy.deepcopy(state["adam"]))
@@ -1699,8 +1631,7 @@ class Optimizers:
 # Schedule and weight averaging
 # ==================================================================================================
 def training_progress(step: int, elapsed: float, budget: float, iterations: int) -> float:
-    """Fraction of training done, which drives warmdown, looping and SWA: of the time budget, or of
-    ITERATIONS when there is no time limit (budget = inf), so step-matched runs get a schedule too."""
+    """Fraction of training done (drives warmdown, looping, SWA): of the time budget, or of ITERATIONS when budget = inf."""
     return elapsed / budget if math.isfinite(budget) else step / iterations
 
 
@@ -1721,14 +1652,12 @@ def muon_momentum_at(step: int, h: Hyperparameters) -> float:
 
 
 def ema_decay_at(step: int, cap: float) -> float:
-    """EMA decay after `step` updates: min(cap, (1+step)/(10+step)). The ramp makes the average
-    span roughly the last tenth of a short run instead of dragging it back to the initialisation."""
+    """EMA decay min(cap, (1+step)/(10+step)): the ramp keeps a short run's average off the initialisation."""
     return min(cap, (1.0 + step) / (10.0 + step))
 
 
 class WeightAverager:
-    """fp32 average of all parameters: EMA every step, or SWA (uniform mean of snapshots taken every
-    SWA_EVERY steps during warmdown), or none. `copy_to` loads the average into a model."""
+    """fp32 average of all parameters: EMA every step, SWA (mean of snapshots every SWA_EVERY warmdown steps) or none."""
 
     def __init__(self, model: nn.Module, h: Hyperparameters) -> None:
         self.mode, self.cap, self.swa_every = h.averaging, h.ema_decay, h.swa_every
@@ -1760,11 +1689,10 @@ class WeightAverager:
 # ==================================================================================================
 # Quantization and packing: GPTQ int6/int8 with SDClip, byte shuffle, compression, shipped code
 # ==================================================================================================
-# Pipeline: collect_hessians -> quantize_and_pack (GPTQ + SDClip, budget search, serialise, byte
-# shuffle, compress) -> load_artifact (exact inverse). Artifact layout before compression:
-#   uint32 header length | JSON header (names, kinds, shapes) | int8 values of every quantized
-#   tensor, in header order | byte-shuffled fp16 section (row scales, then small tensors).
-# Compressed blob: 1-byte compressor tag | uint32 chunk count | uint32 chunk sizes | chunks.
+# Pipeline: collect_hessians -> quantize_and_pack (GPTQ + SDClip, budget search, serialise, byte shuffle, compress)
+# -> load_artifact (exact inverse). Layout before compression: uint32 header length | JSON header (names, kinds,
+# shapes) | int8 values of every quantized tensor, in header order | byte-shuffled fp16 section (row scales, then
+# small tensors). Compressed blob: 1-byte compressor tag | uint32 chunk count | uint32 chunk sizes | chunks.
 
 CLIP_SCALE_RANGE = (0.25, 4.0)       # budget search range of the multiplier on the clip sigmas
 BUDGET_AIM = 0.998                   # aim 0.2% under the target: the size model drifts ~0.1% between scales
@@ -1775,8 +1703,7 @@ COMPRESS_CHUNK_BYTES = 1 << 20       # independent chunks, compressed in paralle
 COMPRESSOR_TAGS = {"brotli": b"B", "zstd": b"Z", "lzma": b"L", "rans": b"R"}
 COMPRESSOR_MODULES = {"brotli": "brotli", "zstd": "zstandard", "lzma": "lzma", "rans": "numpy"}  # = pip package names
 
-# The one place that sets compressor levels. It runs in a bare child interpreter per chunk: brotli
-# and lzma hold the GIL, and a `python -c` child starts in ~50 ms (no torch import).
+# The one place that sets compressor levels, run per chunk in a bare child (brotli and lzma hold the GIL; it starts in ~50 ms).
 COMPRESS_CHILD_PROGRAM = """
 import sys
 name, data = sys.argv[1], sys.stdin.buffer.read()
@@ -1798,10 +1725,9 @@ class ArtifactBudgetError(RuntimeError):
 
 
 def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, Tensor]:
-    """H = sum X^T X (fp32) of each GPTQ'd parameter's declared Hessian source (Role.hessian: its
-    linear's input, or for the tied embedding the final-norm output), on (x, y) training batches with looping on. Hooks ride
-    the model's own forward (run eagerly: a compiled wrapper is bypassed); looped layers add every
-    call. Summed over ranks. Keys are state_dict names."""
+    """H = sum X^T X (fp32) of each GPTQ'd parameter's Hessian source (Role.hessian: its linear's input, or for the tied
+    embedding the final-norm output) on (x, y) training batches with looping on, by hooks on the model's own forward, run
+    eagerly (compiled regions would bypass them); looped layers add every call. Summed over ranks; state_dict names."""
     hessians: dict[str, Tensor] = {}
 
     def accumulate(name: str, x: Tensor) -> None:
@@ -1819,15 +1745,13 @@ def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, T
             elif role.hessian == "head":
                 hooks.append(model.final_norm.register_forward_hook(lambda m, inputs, out, name=name: accumulate(name, out)))
     try:
-        # Compiled regions would bypass the hooks: run this forward eagerly.
         with looping_enabled(model), torch.no_grad(), torch.compiler.set_stance("force_eager"):
             for x, y in batches:
                 model(x, y)
     finally:
         for hook in hooks:
             hook.remove()
-    # One collective for all matrices: flatten, sum, split back.
-    names = sorted(hessians)
+    names = sorted(hessians)  # one collective for all matrices: flatten, sum, split back
     flat = runtime.comm.all_reduce_sum(torch.cat([hessians[n].flatten() for n in names]))
     for name, part in zip(names, flat.split([hessians[n].numel() for n in names])):
         hessians[name] = part.view_as(hessians[name])
@@ -1836,8 +1760,7 @@ def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, T
 
 @dataclass
 class GPTQPlan:
-    """Scale-independent GPTQ work for matrices sharing one Hessian (q/k/v share their input):
-    rows stacked, column order, and the upper Cholesky factor of the damped inverse Hessian."""
+    """Scale-independent GPTQ work of matrices sharing one Hessian (q/k/v share their input), rows stacked."""
     names: list[str]
     row_counts: list[int]
     weight: Tensor        # [rows, cols] fp32, dead columns zeroed, original column order
@@ -1871,10 +1794,8 @@ def plan_gptq(weight: Tensor, hessian: Tensor, damp: float) -> tuple[Tensor, Ten
 
 
 def sdclip_scales(weight: Tensor, bits: int, clip_sigmas: float) -> Tensor:
-    """Per-row scale = k*std(row)/(2^(bits-1)-1), rounded to fp16 as stored (kept >= fp16's smallest
-    subnormal so that all-zero rows divide safely and quantize to 0)."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = clip_sigmas * weight.float().std(dim=1) / qmax
+    """Row scale = k*std(row)/(2^(bits-1)-1), fp16-rounded as stored; >= 2^-24 so that all-zero rows quantize to 0."""
+    scale = clip_sigmas * weight.float().std(dim=1) / (2 ** (bits - 1) - 1)
     return scale.clamp_min(2.0 ** -24).half().float()
 
 
@@ -1886,10 +1807,9 @@ def quantize_rtn(weight: Tensor, scale: Tensor, bits: int) -> Tensor:
 
 def gptq_quantize(weight: Tensor, perm: Tensor, hinv_upper: Tensor, scale: Tensor, bits: int,
                   block_size: int, fine: Tensor | None = None) -> Tensor:
-    """GPTQ (Frantar et al. 2022): quantize columns in act-order; each column's error, divided by
-    U_jj, is pushed onto the later columns along row j of U (within the block at once, after the
-    block as one matmul). fine: optional [rows, cols] steps of AWQ-lite's protected entries (0 elsewhere),
-    coded in +-127 at that step with the same error feedback. Returns int8 [rows, cols] in the original column order."""
+    """GPTQ (Frantar et al. 2022): quantize columns in act-order; each column's error / U_jj is pushed onto the later
+    columns along row j of U (within the block at once, after it as one matmul). fine: optional [rows, cols] steps of
+    AWQ-lite's protected entries (0 elsewhere), coded in +-127. Returns int8 [rows, cols] in the original column order."""
     fine = torch.zeros_like(weight) if fine is None else fine
     step = torch.where(fine > 0, fine, scale[:, None])[:, perm]
     limit = torch.where(fine > 0, 127.0, float(2 ** (bits - 1) - 1))[:, perm]
@@ -1919,8 +1839,7 @@ def gptq_settings(quant: str, h: Hyperparameters) -> tuple[int, float]:
 
 def plan_quantization(state: dict[str, Tensor], roles: dict[str, Role], hessians: dict[str, Tensor],
                       h: Hyperparameters, device: torch.device) -> list[GPTQPlan]:
-    """One GPTQPlan per (quant group, distinct Hessian) among the GPTQ'd tensors: q/k/v share their
-    input, so their rows are stacked and quantized together."""
+    """One GPTQPlan per (quant group, distinct Hessian) of the GPTQ'd tensors: q/k/v rows are quantized together."""
     groups: list[tuple[str, Tensor, list[str]]] = []
     for name in state:
         quant = roles[name].quant
@@ -1951,17 +1870,15 @@ def plan_quantization(state: dict[str, Tensor], roles: dict[str, Role], hessians
 
 
 def quantize_absmax_rows(weight: Tensor, top: float = 127, low: int = -127, high: int = 127) -> dict:
-    """Ints per row with scale max|row|/top, codes clamp(round(w/scale), low, high): int8 gates (too few
-    values for SDClip statistics) and LQER's factors."""
+    """Ints per row, scale max|row|/top, codes clamp(round(w/scale), low, high): int8 gates (too small for SDClip), LQER factors."""
     scale = (weight.float().abs().amax(dim=1) / top).clamp_min(2.0 ** -24).half()
     return {"q": torch.clamp(torch.round(weight.float() / scale.float()[:, None]), low, high).to(torch.int8).cpu(),
             "scale": scale.cpu()}
 
 
 def plan_scales(plan: GPTQPlan, clip_scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(row scales, 8-bit row scales, fine steps [rows, cols]) of a stacked plan: SDClip per original row,
-    clip sigmas times the searched multiplier; AWQ-lite's columns (plan.awq) keep that clip range with
-    8-bit steps (fine = k*std(row)/127 there, 0 elsewhere)."""
+    """(row scales, 8-bit row scales, fine steps [rows, cols]) of a plan: SDClip per row at clip sigmas x the searched
+    multiplier; AWQ-lite's columns (plan.awq) keep that clip range with 8-bit steps (fine = k*std(row)/127, else 0)."""
     scale, fine_scale = (sdclip_scales(plan.weight, bits, plan.clip_sigmas * clip_scale) for bits in (plan.bits, 8))
     fine = torch.zeros_like(plan.weight)
     for name, part, s_part in zip(plan.names, fine.split(plan.row_counts), fine_scale.split(plan.row_counts)):
@@ -1972,9 +1889,8 @@ def plan_scales(plan: GPTQPlan, clip_scale: float) -> tuple[Tensor, Tensor, Tens
 
 def quantize_state(state: dict[str, Tensor], roles: dict[str, Role], plans: list[GPTQPlan], clip_scale: float,
                    block_size: int) -> dict[str, dict]:
-    """Every tensor as its Role says, on CPU: GPTQ groups at this clip scale and gates as
-    {"q": int8, "scale": fp16 per row}; the rest as {"fp16": tensor}. A tensor with AWQ-lite columns adds
-    "awq" (their [start, end) ranges) and "awq_scale" (fp16 8-bit step per row)."""
+    """Every tensor as its Role says, on CPU: GPTQ groups at this clip scale and gates as {"q": int8, "scale": fp16 per
+    row}, the rest as {"fp16": tensor}; AWQ-lite adds "awq" ([start, end) columns) and "awq_scale" (fp16 per row)."""
     quantized: dict[str, dict] = {}
     for plan in plans:
         scale, fine_scale, fine = plan_scales(plan, clip_scale)
@@ -2033,8 +1949,7 @@ def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
 
 
 def byte_shuffle(array: np.ndarray) -> bytes:
-    """Regroup bytes by their position within each element (all low bytes, then all high bytes, ...),
-    so that the smooth high bytes and the noisy low bytes compress separately."""
+    """Regroup bytes by position in their element (all low bytes, then high bytes...): smooth and noisy bytes compress apart."""
     return np.ascontiguousarray(array.reshape(-1).view(np.uint8).reshape(-1, array.itemsize).T).tobytes()
 
 
@@ -2045,8 +1960,7 @@ def byte_unshuffle(data: bytes, dtype) -> np.ndarray:
 
 
 def serialize(quantized: dict[str, dict]) -> bytes:
-    """Raw layout (see the section comment): smaller than torch.save, which adds pickle, zip headers
-    and 64-byte alignment per tensor."""
+    """Raw layout (section comment): smaller than torch.save (pickle, zip headers, 64-byte alignment per tensor)."""
     header, int8_parts, fp16_scales, fp16_values = [], [], [], []
     for name, entry in quantized.items():
         if "q" in entry:  # AWQ-lite's column ranges ride in the header, its per-row scales after the row scales
@@ -2098,8 +2012,7 @@ def require_compressor(name: str):
 
 
 def compress(data: bytes, compressor: str) -> bytes:
-    """Fixed-size chunks (so the output does not depend on the machine) compressed in parallel child
-    processes, one per CPU core at a time; framed as tag | count | sizes | chunks."""
+    """Fixed-size chunks (output independent of the machine) compressed in parallel child processes, one per core."""
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
     require_compressor(compressor)
@@ -2108,8 +2021,7 @@ def compress(data: bytes, compressor: str) -> bytes:
     chunks = [data[i : i + COMPRESS_CHUNK_BYTES] for i in range(0, len(data), COMPRESS_CHUNK_BYTES)] or [b""]
 
     def run_child(chunk: bytes) -> bytes:
-        done = subprocess.run([sys.executable, "-c", COMPRESS_CHILD_PROGRAM, compressor], input=chunk,
-                              capture_output=True, check=False)
+        done = subprocess.run([sys.executable, "-c", COMPRESS_CHILD_PROGRAM, compressor], input=chunk, capture_output=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{compressor} compression child failed: {done.stderr.decode(errors='replace').strip()}")
         return done.stdout
@@ -2137,21 +2049,18 @@ def decompress(blob: bytes) -> bytes:
     return b"".join(parts)
 
 
-# rANS coder for the quantized ints (COMPRESSOR=rans; numpy only). The columns (or rows) of each int
-# tensor are clustered into k classes of similar value distributions (k = 1 when classes do not pay
-# for their labels); each class gets a symbol table, and all ints go through one interleaved rANS
-# stream at ~the entropy under those tables. Header, fp16 section, labels and tables go through lzma.
+# rANS coder for the quantized ints (COMPRESSOR=rans; numpy only): the columns (or rows) of each int tensor are clustered
+# into k classes of similar value distributions (k = 1 when classes do not pay for their labels), each with a symbol
+# table; all ints go through one interleaved rANS stream at ~the entropy under those tables, the rest through lzma.
 # Blob: b"R" | uint32 side length | lzma(side) | uint64 lane states | uint32 words.
 RANS_LANES = 1024                    # interleaved states: numpy steps = ints / lanes; 8 bytes each
 RANS_CLASSES = (1, 2, 4, 8)          # class counts tried per tensor and axis
-# Tables store counts as uint8 codes (0 = absent, else 1 + index of the level <= count): exact below
-# 16, else a 3-bit mantissa; ~0.03% more bits than exact tables.
+# Table counts as uint8 codes (0 = absent, else 1 + index of the level <= count): exact below 16, else a 3-bit mantissa (~0.03% more bits).
 COUNT_LEVELS = np.array(sorted(set(range(1, 16)) | {m << e for m in range(8, 16) for e in range(1, 26)}))
 
 
 def code_frequencies(codes: np.ndarray) -> np.ndarray:
-    """rANS frequencies [tables, symbols] summing to 2^16, >= 1 for every symbol present. Integer
-    arithmetic only, so that encoder and decoder agree on any machine."""
+    """rANS frequencies [tables, symbols] summing to 2^16, >= 1 per symbol present; integers only (any machine agrees)."""
     v = np.where(codes > 0, COUNT_LEVELS[np.maximum(codes.astype(np.int64) - 1, 0)], 0)
     v[:, 0] += v.sum(1) == 0  # an empty class still needs a valid table
     f = np.where(v > 0, np.maximum(v * 65536 // v.sum(1, keepdims=True), 1), 0)
@@ -2199,8 +2108,7 @@ def rans_encode(freq: np.ndarray, start: np.ndarray) -> bytes:
 
 
 def rans_decode(data: bytes, tables: np.ndarray, freq: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """Inverse of rans_encode for symbols whose tables [steps, lanes] are known; freq and start are
-    [tables, 256]. Returns the symbols [steps, lanes]."""
+    """Inverse of rans_encode: symbols [steps, lanes] given their tables [steps, lanes]; freq and start [tables, 256]."""
     x = np.frombuffer(data, "<u8", tables.shape[1]).astype(np.uint64)
     words = np.frombuffer(data, "<u4", offset=8 * tables.shape[1]).astype(np.uint64)
     owner = np.repeat(np.arange(freq.size, dtype=np.uint32), freq.ravel().astype(np.int64))  # slot -> table*256 + symbol
@@ -2217,8 +2125,7 @@ def rans_decode(data: bytes, tables: np.ndarray, freq: np.ndarray, start: np.nda
 
 
 def rans_tables(models: list, shapes: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(table of every int [steps, lanes], freq [tables, 256], start) for the tensors' class models
-    [(axis, labels, codes)]; a last table of one certain symbol (0 bits) pads the last step."""
+    """(table of every int [steps, lanes], freq [tables, 256], start); a last table of one certain symbol pads the last step."""
     codes = np.zeros((sum(len(m[2]) for m in models) + 1, 256), np.uint8)
     codes[-1, 0], parts, base = 1, [np.zeros(0, np.int32)], 0
     for (axis, labels, table_codes), shape in zip(models, shapes):
@@ -2281,16 +2188,14 @@ def rans_decompress(blob: bytes) -> bytes:
 
 
 def int_entropy_bytes(q: Tensor) -> float:
-    """n*H/8 bytes, H the order-0 entropy of the ints: the size model of the budget search (brotli-11
-    lands ~1% above it on int6 weights, and that ratio is stable across scales)."""
+    """n*H/8 bytes (H: order-0 entropy of the ints), the budget search's size model; brotli-11 lands a stable ~1% above it."""
     counts = torch.bincount(q.reshape(-1).to(torch.int64) + 128, minlength=256).double()
     p = counts[counts > 0] / q.numel()
     return float(-(p * p.log2()).sum()) * q.numel() / 8
 
 
 def rtn_entropy_bytes(plans: list[GPTQPlan], clip_scale: float) -> float:
-    """Entropy bytes of every quantized tensor rounded to nearest at this clip scale (on the plans'
-    device; per tensor, since the compressor adapts to each tensor's statistics)."""
+    """Entropy bytes of every tensor rounded to nearest at this clip scale (per tensor: the coder adapts to each)."""
     total = 0.0
     for plan in plans:
         scale, _, fine = plan_scales(plan, clip_scale)
@@ -2301,8 +2206,7 @@ def rtn_entropy_bytes(plans: list[GPTQPlan], clip_scale: float) -> float:
 
 
 def byte_groups(quantized: dict[str, dict], roles: dict[str, Role]) -> dict[str, dict]:
-    """Where the bytes go, per quant group (attn, mlp, embed, gate; fp16 at 2 bytes/value): values and
-    the order-0 entropy bytes of their ints (what a better coder lets the budget search spend)."""
+    """Values and order-0 entropy bytes of their ints per quant group (fp16 at 2 bytes/value): where the bytes go."""
     groups: dict[str, dict] = {}
     for name, entry in quantized.items():
         group = groups.setdefault(roles[name].quant if name in roles else "lqer", {"values": 0, "entropy_bytes": 0.0})
@@ -2313,8 +2217,7 @@ def byte_groups(quantized: dict[str, dict], roles: dict[str, Role]) -> dict[str,
 
 
 def search_clip_scale(predict, target: float) -> float:
-    """Bisect log(clip scale) for predict(scale) = target; predict decreases with the scale (a wider
-    step leaves fewer distinct levels, so lower entropy). Returns the upper bound if it cannot fit."""
+    """Bisect log(clip scale) for predict(scale) = target (a wider step: fewer levels, lower entropy); the upper bound if none fits."""
     low, high = (math.log(x) for x in CLIP_SCALE_RANGE)
     if predict(math.exp(low)) <= target:
         return math.exp(low)
@@ -2326,16 +2229,11 @@ def search_clip_scale(predict, target: float) -> float:
 
 def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperparameters, reserved_bytes: int,
                       log=log_nothing) -> tuple[bytes, dict]:
-    """GPTQ-quantize the model's weights and fit the artifact budget; return (compressed blob, report).
-
-    target = (ARTIFACT_TARGET_BYTES or 16,000,000) - reserved_bytes (the shipped code and the
-    artifact's config header). A global multiplier on the clip
-    sigmas is searched: size(scale) ~ c * sum_t n_t*H(RTN ints at scale) + fp16 part + LQER/AWQ-lite side
-    bytes (last round's), where H is the order-0 entropy (cheap), and c is calibrated on each exact GPTQ + compression round (it folds in
-    the compressor's overhead and GPTQ's slightly wider ints); typically two rounds. Scale-independent
-    GPTQ work (act order, Cholesky factors) is done once. Hessians and weights are used on the
-    Hessians' device (GPU: fast; CPU works). Deterministic, so running it on every rank gives the same blob;
-    run it on one rank to save time (compression uses every CPU core)."""
+    """GPTQ-quantize the weights to fit the budget; return (compressed blob, report). target = (ARTIFACT_TARGET_BYTES or
+    16,000,000) - reserved_bytes (code, config header). A global multiplier on the clip sigmas is searched: size(scale) ~ c
+    * sum_t n_t*H(RTN ints at scale) + fp16 part + LQER/AWQ-lite side bytes (last round's), H the order-0 entropy (cheap), c
+    calibrated on each exact GPTQ + compression round (coder overhead, GPTQ's wider ints); typically two rounds.
+    Scale-independent GPTQ work is done once, on the Hessians' device. Deterministic: one rank runs it."""
     started = time.perf_counter()
     state = {name: t.detach() for name, t in model.state_dict().items()}
     device = next(iter(hessians.values())).device if hessians else torch.device("cpu")
@@ -2346,8 +2244,7 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
     plans = plan_quantization(state, roles, hessians, h, device)
 
     # What GPTQ does not touch (fp16 tensors, int8 gates) does not move with the scale: measure it once.
-    side = {n: e for n, e in quantize_state(state, roles, [], 1.0, h.gptq_block_size).items()
-            if roles[n].quant not in GPTQ_GROUPS}
+    side = {n: e for n, e in quantize_state(state, roles, [], 1.0, h.gptq_block_size).items() if roles[n].quant not in GPTQ_GROUPS}
     side_bytes = len(compress(serialize(side), h.compressor)) if side else 0
     ratio, fixed_bytes, attempts, best = 1.0, 0.0, [], None
     gptq_seconds = compress_seconds = 0.0
@@ -2372,8 +2269,7 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
             raise ArtifactBudgetError(
                 f"model needs {len(blob)} bytes > target {target} even at {CLIP_SCALE_RANGE[1]}x clip sigmas; "
                 f"lower MATRIX_BITS/EMBED_BITS or shrink the model")
-        # Bytes that hardly move with the scale, an additive term: LQER's factors (their ints' entropy + fp16
-        # scales) and AWQ-lite's per-row scales (its 8-bit codes are in the RTN entropy).
+        # Bytes hardly moving with the scale: LQER's factors (ints' entropy + fp16 scales), AWQ-lite's per-row scales.
         fixed_bytes = sum(int_entropy_bytes(e["q"]) + 2 * e["scale"].numel() for n, e in quantized.items() if n not in state) \
             + sum(2 * e["awq_scale"].numel() for e in quantized.values() if "awq" in e)
         ratio = (len(blob) - side_bytes - fixed_bytes) / rtn_entropy_bytes(plans, clip_scale)
@@ -2411,9 +2307,8 @@ def load_artifact(blob: bytes, model: nn.Module) -> None:
     model.load_state_dict({name: t.to(reference[name].dtype) for name, t in state.items()}, strict=True)
 
 
-# An artifact file: magic | uint32 length | zlib(JSON of the model and quantization knobs) | weights
-# blob. The config rides along so that EVAL_ONLY rebuilds the model with no other env var; its few
-# hundred bytes count toward the 16,000,000 like everything else in the file.
+# An artifact file: magic | uint32 length | zlib(JSON of the model and quantization knobs) | weights blob. The config lets
+# EVAL_ONLY rebuild the model with no other env var; its few hundred bytes count toward the 16,000,000 like the rest.
 ARTIFACT_MAGIC = b"PGA1"
 
 
@@ -2456,20 +2351,17 @@ def read_saved_weights(path: str) -> tuple[dict, dict]:
                             "REQUANTIZE_FROM takes the .pt saved next to an artifact") from None
 
 
-# The shipped copy runs `exec(SHIPPED_SOURCE)` in its own module namespace, so __name__ ("__main__"
-# under python/torchrun) and __file__ are the launcher's, exactly as for the readable script.
+# The shipped copy runs `exec(SHIPPED_SOURCE)` in its module namespace: __name__ and __file__ are the launcher's, as here.
 SHIPPED_STUB = '# coding: latin-1\nimport lzma as L\nSHIPPED_SOURCE=L.decompress("{payload}".encode("latin-1")).decode()\nexec(SHIPPED_SOURCE)\n'
 
 
 def read_script_source() -> str:
-    """This script's source: the readable file, or the minified source when running the shipped copy
-    (so build_submission_code(read_script_source()) measures the same bytes either way)."""
+    """This script's source: the readable file, or the minified source when running the shipped copy."""
     return globals().get("SHIPPED_SOURCE") or Path(__file__).read_text(encoding="utf-8")
 
 
 def minify_source(source: str) -> str:
-    """Docstrings dropped and the code re-printed by ast.unparse (no comments, canonical spacing).
-    Idempotent: minifying the minified source gives it back."""
+    """Docstrings dropped, code re-printed by ast.unparse (no comments, canonical spacing); idempotent."""
     tree = ast.parse(source)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -2481,19 +2373,15 @@ def minify_source(source: str) -> str:
 
 
 def latin1_literal(data: bytes) -> str:
-    """Bytes as the inside of a "..." literal in a latin-1 source file: 1 char per byte except the
-    few that a one-line string cannot hold (NUL, newlines, quote, backslash) - ~3% overhead vs 25% for
-    base85."""
+    """Bytes as the inside of a "..." latin-1 literal: 1 char per byte but NUL, newlines, quote, backslash (~3% vs base85's 25%)."""
     escapes = {0: "\\x00", 10: "\\n", 13: "\\r", 34: '\\"', 92: "\\\\"}
     return "".join(escapes.get(b, chr(b)) for b in data)
 
 
 def build_submission_code(source: str) -> bytes:
-    """The shipped copy of this script: minified, lzma-compressed (stdlib, so the stub needs nothing
-    installed; FORMAT_ALONE has the smallest header), wrapped in a self-extracting exec stub."""
+    """The shipped copy: minified, lzma'd (stdlib; FORMAT_ALONE has the smallest header), in a self-extracting exec stub."""
     import lzma
-    packed = lzma.compress(minify_source(source).encode("utf-8"), format=lzma.FORMAT_ALONE,
-                           preset=9 | lzma.PRESET_EXTREME)
+    packed = lzma.compress(minify_source(source).encode("utf-8"), format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME)
     return SHIPPED_STUB.replace("{payload}", latin1_literal(packed)).encode("latin-1")
 
 
@@ -2512,11 +2400,10 @@ class EvalResult:
     gated: int = 0                      # scored targets where the n-gram tilt fired
 
 
-# A scoring plan is an int64 tensor of windows, one row (start, score_from, score_to) each, in
-# target indices: target i is val_tokens[i+1], predicted from val_tokens[:i+1]. A window feeds the
-# model inputs val_tokens[start:score_to] (at most EVAL_SEQ_LEN of them) and scores the targets
-# [score_from, score_to). Positions past score_to are padding, so a window never reads a token past
-# the last target it scores, and every forward has the static shape [batch, EVAL_SEQ_LEN].
+# A scoring plan is an int64 tensor of windows (start, score_from, score_to) in target indices (target i is
+# val_tokens[i+1], predicted from val_tokens[:i+1]): a window feeds the model val_tokens[start:score_to] (at most
+# EVAL_SEQ_LEN) and scores targets [score_from, score_to). Positions past score_to are padding: a window never reads
+# past its last target, and every forward has the static shape [batch, EVAL_SEQ_LEN].
 PAD_ID = 0
 
 
@@ -2527,10 +2414,8 @@ def plain_windows(num_targets: int, seq_len: int) -> Tensor:
 
 
 def sliding_windows(num_targets: int, seq_len: int, stride: int) -> Tensor:
-    """The first window scores its seq_len targets; each later one ends `stride` further and scores
-    only those new targets, so every target sees >= seq_len - stride tokens of context. The last
-    window ends at the last target (it may score fewer than `stride`). A stride longer than the
-    window is taken as the window length: a window cannot score more targets than it holds."""
+    """The first window scores its seq_len targets; each later one ends `stride` further and scores only those new targets,
+    so every target sees >= seq_len - stride tokens of context (stride <= seq_len); the last ends at the last target."""
     stride = min(stride, seq_len)
     first_end = min(seq_len, num_targets)
     later_ends = torch.arange(first_end + stride, num_targets + stride, stride).clamp(max=num_targets)
@@ -2540,20 +2425,16 @@ def sliding_windows(num_targets: int, seq_len: int, stride: int) -> Tensor:
 
 
 def split_at_chunks(windows: Tensor, chunk_tokens: int, seq_len: int) -> Tensor:
-    """Cut the scored spans of a sliding plan at multiples of chunk_tokens, so that each window
-    scores targets of one TTT chunk only. Every piece's window still ends where its span ends, so
-    its targets keep at least the context they had; spans that do not straddle a boundary are
-    unchanged (all of them when the stride divides both the window and the chunk, as by default)."""
-    num_targets = int(windows[-1, 2])
-    boundaries = torch.arange(0, num_targets, chunk_tokens)
+    """Cut a sliding plan's scored spans at multiples of chunk_tokens so each window scores one TTT chunk's targets; a
+    piece's window still ends where its span ends (same context). No change when the stride divides window and chunk."""
+    boundaries = torch.arange(0, int(windows[-1, 2]), chunk_tokens)
     cuts = torch.cat((windows[:, 1], boundaries, windows[-1:, 2])).unique()  # sorted
     ends = cuts[1:]
     return torch.stack(((ends - seq_len).clamp(min=0), cuts[:-1], ends), dim=1)
 
 
 def window_batch(tokens: Tensor, windows: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(inputs, targets, scored mask), each [len(windows), seq_len], for windows on tokens' device.
-    Position j of a window holds target start+j; positions at or past score_to hold PAD_ID."""
+    """(inputs, targets, scored mask) [len(windows), seq_len]: position j holds target start+j; at or past score_to PAD_ID."""
     positions = windows[:, :1] + torch.arange(seq_len, device=tokens.device)
     real = positions < windows[:, 2:]
     scored = real & (positions >= windows[:, 1:2])
@@ -2575,12 +2456,11 @@ def rank_share(begin: int, end: int, runtime: Runtime) -> tuple[int, int]:
     return begin + n * runtime.rank // runtime.world_size, begin + n * (runtime.rank + 1) // runtime.world_size
 
 
-# N-gram tilt (FRONTIER §1). The hint of target i (= val_tokens[i+1]) is the token that most often
-# followed the same NGRAM_TILT_ORDER-1 tokens val_tokens[i-order+2 : i+1] earlier in the stream (across
-# documents; ties: the token that reached the top count first), read BEFORE the update with target i, so it depends on
-# val_tokens[:i+1] only; it fires where top_count/total >= NGRAM_TILT_THRESHOLD. There the scored
-# distribution becomes p'(a) = p(a)*e^(b*[a=h]) / Z, Z = 1 + p(h)*(e^b - 1), normalised in closed form:
-# nll' = nll - b*[y=h] + log1p(p(h)*expm1(b)). Training and TTT updates use the untilted loss.
+# N-gram tilt (FRONTIER §1). The hint of target i (= val_tokens[i+1]) is the token that most often followed the same
+# NGRAM_TILT_ORDER-1 tokens val_tokens[i-order+2 : i+1] earlier in the stream (across documents; ties: the first to
+# reach the top count), read BEFORE the update with target i, so it depends on val_tokens[:i+1] only; it fires where
+# top_count/total >= NGRAM_TILT_THRESHOLD. There p'(a) = p(a)*e^(b*[a=h]) / Z, Z = 1 + p(h)*(e^b - 1): nll' = nll -
+# b*[y=h] + log1p(p(h)*expm1(b)). Training and TTT updates use the untilted loss.
 def run_begins(sorted_keys: Tensor) -> Tensor:
     """bool per slot of a sorted 1-D tensor: a run of equal keys begins here."""
     new = torch.ones_like(sorted_keys, dtype=torch.bool)
@@ -2594,10 +2474,9 @@ def run_start_slots(new: Tensor) -> Tensor:
 
 
 def window_ids(tokens: Tensor, length: int) -> Tensor:
-    """int64 ids with ids[p] == ids[q] exactly when tokens[p:p+length] == tokens[q:q+length], by prefix
-    doubling: the window of span+step tokens at p is the pair (span-window at p, span-window at
-    p+step), packed as id[p]*base + id[p+step]; ids are re-ranked densely (a sort) only where the
-    packing would overflow. No hashing, so two different contexts can never collide."""
+    """int64 ids with ids[p] == ids[q] exactly when tokens[p:p+length] == tokens[q:q+length], by prefix doubling: the
+    window of span+step tokens at p is packed as id[p]*base + id[p+step], re-ranked densely (a sort) only where that
+    would overflow. No hashing, so contexts never collide."""
     ids, span = tokens, 1
     while span < length:
         step, base = min(span, length - span), int(ids.max()) + 1
@@ -2615,11 +2494,9 @@ def window_ids(tokens: Tensor, length: int) -> Tensor:
 
 @torch.no_grad()
 def ngram_hints(tokens: Tensor, order: int, threshold: float) -> tuple[Tensor, Tensor]:
-    """(hints int32, gates bool) per target of the stream `tokens`; targets whose context is incomplete
-    or new get hint 0 and no gate. The state machine, vectorised: a stable sort by context puts each
-    context's occurrences together in stream order (contexts seen once are dropped: they never give
-    or get a hint); a second stable sort by (context, follower) gives the running pair counts; the
-    running top is a cummax inside each run, and read-before-update is a shift by one slot."""
+    """(hints int32, gates bool) per target of `tokens` (hint 0, no gate: context incomplete or new). Vectorised: a stable
+    sort by context groups each context's occurrences in stream order (contexts seen once dropped); a second by (context,
+    follower) gives running pair counts; the running top is a cummax per run; read-before-update a one-slot shift."""
     num_targets, k = tokens.numel() - 1, order - 1
     if num_targets < k:
         hints = torch.zeros(max(num_targets, 0), dtype=torch.int32, device=tokens.device)
@@ -2637,8 +2514,7 @@ def ngram_hints(tokens: Tensor, order: int, threshold: float) -> tuple[Tensor, T
     start = run_start_slots(new)
     total = idx - start + 1
     top = torch.cummax(start + count, 0).values - start  # start+count stays below the next run's start
-    # The top token is the follower of the run's latest record (a count above every earlier one):
-    # the record update `pair_count > top_count`, so ties keep the earlier token.
+    # The top token is the follower of the run's latest record (`pair_count > top_count`): ties keep the earlier token.
     leader = torch.cummax(torch.where(count > torch.where(new, 0, top.roll(1)), idx, 0), 0).values
     gate = ~new & (top.roll(1).double() / total.roll(1).double() >= threshold)  # the state after slot q-1
     hints = torch.zeros(num_targets, dtype=torch.int32, device=tokens.device)
@@ -2661,17 +2537,15 @@ class NgramTilt:
         return self.hints[positions].long(), self.gates[positions] & valid
 
     def apply(self, nll: Tensor, hint_nll: Tensor, target_ids: Tensor, hint_ids: Tensor, gates: Tensor) -> Tensor:
-        """nll' = nll - b*[y=h] + log1p(p(h)*expm1(b)) where gated, else nll; hint_nll = -log p(h)
-        from the same logits as nll (GPT.forward with hint_ids)."""
+        """nll' = nll - b*[y=h] + log1p(p(h)*expm1(b)) where gated, else nll; hint_nll = -log p(h) from the same logits."""
         tilted = nll - self.boost * (target_ids == hint_ids) + torch.log1p(torch.exp(-hint_nll) * math.expm1(self.boost))
         return torch.where(gates, tilted, nll)
 
 
 def ngram_tilt(tokens: Tensor, h: Hyperparameters) -> NgramTilt | None:
-    """The stream's tilt on tokens' device, or None when NGRAM_TILT_ENABLED=0. Every rank builds all the
-    hints itself: a hint depends on every earlier occurrence of its context, so even one rank's targets
-    need the global sort, which takes well under a second on a GPU; sharing it would cost collectives
-    as large as the result and save nothing."""
+    """The stream's tilt on tokens' device, or None when NGRAM_TILT_ENABLED=0. Every rank builds all hints itself: a
+    hint depends on every earlier occurrence of its context (a global sort, well under a second on a GPU), and sharing
+    would cost collectives as large as the result."""
     if not h.ngram_tilt_enabled:
         return None
     return NgramTilt(*ngram_hints(tokens, h.ngram_tilt_order, h.ngram_tilt_threshold), h.ngram_tilt_boost)
@@ -2679,10 +2553,9 @@ def ngram_tilt(tokens: Tensor, h: Hyperparameters) -> NgramTilt | None:
 
 def score_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, batch: Tensor, seq_len: int, totals: Tensor,
                 tilt: NgramTilt | None = None, lora: DocumentLoRA | None = None) -> tuple[Tensor, Tensor]:
-    """Add (nats, bytes, count, untilted nats, gated count) of the scored targets of the windows `batch`
-    to `totals` (float64 [5]) from one forward; target_bytes[i] is the byte count of target i; with a
-    tilt the nats are tilted. Returns (untilted nll per position, scored mask); the nll keeps its
-    graph when grad is enabled (LoRA TTT trains on it after this has read the score)."""
+    """Add (nats, bytes, count, untilted nats, gated count) of the scored targets of windows `batch` to `totals`
+    (float64 [5]) from one forward, nats tilted if tilt is given. Returns (untilted nll per position, scored mask); the
+    nll keeps its graph under grad (LoRA TTT trains on it after the score is read)."""
     inputs, targets, scored = window_batch(tokens, batch, seq_len)
     positions = (batch[:, :1] + torch.arange(seq_len, device=tokens.device)).clamp(max=target_bytes.numel() - 1)
     if tilt is None:
@@ -2735,8 +2608,7 @@ def eval_windows(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: 
 def eval_plain(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
                runtime: Runtime, stage: str = "plain") -> EvalResult:
     """Non-overlapping EVAL_SEQ_LEN windows over the whole stream, tail included."""
-    windows = plain_windows(val_tokens.numel() - 1, h.eval_seq_len)
-    return eval_windows(model, val_tokens, target_bytes, h, runtime, stage, windows)
+    return eval_windows(model, val_tokens, target_bytes, h, runtime, stage, plain_windows(val_tokens.numel() - 1, h.eval_seq_len))
 
 
 def eval_sliding(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
@@ -2759,10 +2631,9 @@ def all_reduce_grads(params: list[nn.Parameter], runtime: Runtime) -> None:
 def train_on_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                    tokens: Tensor, chunk_begin: int, chunk_end: int, lr: float, h: Hyperparameters,
                    runtime: Runtime, epochs: int, seq_len: int) -> None:
-    """`epochs` SGD steps on the (already scored) targets [chunk_begin, chunk_end), each step on
-    the mean loss of the whole chunk. Its seq_len sequences are split over ranks; each rank sums
-    its targets' losses divided by the chunk's target count, so the summed gradients are exactly
-    the chunk's mean-loss gradient for any world size. Inputs come from the chunk itself."""
+    """`epochs` SGD steps on the mean loss of the (already scored) targets [chunk_begin, chunk_end). Its seq_len
+    sequences are split over ranks, each rank dividing its summed losses by the chunk's target count, so the summed
+    gradients are the chunk's mean-loss gradient for any world size."""
     sequences = plain_windows(chunk_end - chunk_begin, seq_len) + chunk_begin
     per_rank = math.ceil(sequences.size(0) / runtime.world_size)  # equal on every rank: same collectives
     mine = pad_windows(sequences[runtime.rank * per_rank : (runtime.rank + 1) * per_rank], per_rank).to(tokens.device)
@@ -2785,12 +2656,10 @@ def train_on_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: torc
 
 def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
              runtime: Runtime, log=log_nothing, stage: str = "ttt") -> EvalResult:
-    """Legal score-first test-time training (SPEC §7). The targets are cut into TTT_CHUNK_TOKENS
-    chunks; each chunk is first scored with the sliding plan under no_grad (those losses are the
-    result), then trained on with SGD (momentum TTT_MOMENTUM, TTT_EPOCHS steps, all parameters, clip
-    TTT_GRAD_CLIP, LR TTT_LR cosine-decayed over chunks); the last chunk is never trained on. So each
-    target is scored by weights that have only seen earlier chunks. It runs the model's own forward
-    and CHANGES THE MODEL'S WEIGHTS IN PLACE: run it last, or on a copy."""
+    """Legal score-first test-time training (SPEC §7): each TTT_CHUNK_TOKENS chunk of targets is scored with the sliding
+    plan under no_grad (the result), then trained on with SGD (momentum TTT_MOMENTUM, TTT_EPOCHS steps, clip
+    TTT_GRAD_CLIP, LR TTT_LR cosine over chunks), except the last. So each target is scored by weights that have only
+    seen earlier chunks. CHANGES THE MODEL'S WEIGHTS IN PLACE: run it last, or on a copy."""
     synchronize(runtime)
     t0 = time.perf_counter()
     tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
@@ -2805,9 +2674,7 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
     # One batch size for every chunk (static shapes): the largest per-rank share, capped by VAL_BATCH_TOKENS.
     largest_share = max(math.ceil((b - a) / runtime.world_size) for a, b in zip(window_bounds, window_bounds[1:]))
     batch_windows = max(1, min(h.val_batch_tokens // seq_len, largest_share))
-    params = list(model.parameters())
-    for p in params:
-        p.requires_grad_(True)
+    params = list(model.requires_grad_(True).parameters())
     optimizer = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
     totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
     log_every = max(1, num_chunks // 20)
@@ -2823,8 +2690,7 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
                     train_on_chunk(model, params, optimizer, tokens, chunk_begin, chunk_end, lr, h, runtime, h.ttt_epochs, seq_len)
                 if (c + 1) % log_every == 0 or c == num_chunks - 1:
                     running = eval_result(stage, runtime.comm.all_reduce_sum(totals.clone()), 0.0)
-                    log(f"{stage} chunk:{c + 1}/{num_chunks} running_bpb:{running.bpb:.6f} "
-                        f"elapsed:{time.perf_counter() - t0:.1f}s")
+                    log(f"{stage} chunk:{c + 1}/{num_chunks} running_bpb:{running.bpb:.6f} elapsed:{time.perf_counter() - t0:.1f}s")
     finally:
         optimizer.zero_grad(set_to_none=True)
     runtime.comm.all_reduce_sum(totals)
@@ -2832,12 +2698,11 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
     return eval_result(stage, totals, time.perf_counter() - t0, tilt is not None)
 
 
-# Per-document LoRA TTT (FRONTIER §5). A document runs from a BOS (or the stream's start) to the next
-# BOS, which is its last target: document [s, e) holds targets s..e-1, so the documents partition the
-# targets that plain/sliding score. Each is scored in chunks of C targets, in order; the chunk ending
-# at local target c is one row of a forward reading the document's own tokens [max(0, c-T), c) (T =
-# TTT window). That forward, with per-document adapters, gives the chunk's score; only then does
-# one AdamW step of the adapters on the chunk's mean loss follow. The last chunk is scored only.
+# Per-document LoRA TTT (FRONTIER §5). A document runs from a BOS (or the stream's start) to the next BOS, its last
+# target: document [s, e) holds targets s..e-1, so documents partition the targets plain/sliding score. Each is scored
+# in chunks of C targets, in order; the chunk ending at local target c is one row of a forward reading the document's
+# tokens [max(0, c-T), c) (T = TTT window) with per-document adapters: that gives its score, then one AdamW step of the
+# adapters on the chunk's mean loss follows. The last chunk is scored only.
 LORA_PLACEMENTS = ("q", "k", "v", "o", "mlp", "head")
 MIN_WINDOW_BUCKET = 128  # shortest forward: the GPU is latency-bound below, and it is FlexAttention's mask block
 CHALLENGE_VAL_TOKENS = 47_851_520  # FineWeb validation tokens with the records' CaseOps tokenizer (40,540,160 with sp8192)
@@ -2845,8 +2710,7 @@ CHALLENGE_VAL_TOKENS = 47_851_520  # FineWeb validation tokens with the records'
 
 @dataclass
 class LoRATerms:
-    """The TTT adapters of one virtual layer (or of the head), one per document row: for each
-    placement, term(x) = (x A^T) B^T * alpha/r with A [docs, r, in] and B [docs, out, r]."""
+    """TTT adapters of one virtual layer (or the head), per document row: term(x) = (x A^T) B^T * alpha/r, A [docs,r,in], B [docs,out,r]."""
     factors: dict[str, tuple[Tensor, Tensor]]
     scale: float
 
@@ -2859,10 +2723,9 @@ class LoRATerms:
 
 
 class DocumentLoRA:
-    """Adapters for TTT_BATCH_DOCS documents at the TTT_LORA_TARGETS placements of every virtual layer
-    and the head. A ~ U(+-1/sqrt(in)) is kept from batch to batch (warm start: it has only trained on
-    documents scored earlier); reset() zeroes B, so a fresh batch starts from the base model.
-    narrow(n) goes on with the first n rows only (the documents still being scored)."""
+    """Adapters for TTT_BATCH_DOCS documents at the TTT_LORA_TARGETS placements of every virtual layer and the head. A,
+    drawn from U(+-1/sqrt(in)), is kept between batches (warm start: it has only trained on documents scored earlier);
+    reset() zeroes B, so a batch starts from the base model; narrow(n) goes on with the first n rows."""
 
     def __init__(self, h: Hyperparameters, num_layers: int, device: torch.device, seed: int) -> None:
         d, kv, rank, docs = h.model_dim, h.num_kv_heads * h.head_dim, h.ttt_lora_rank, h.ttt_batch_docs
@@ -2904,8 +2767,7 @@ class DocumentLoRA:
 
 
 def document_spans(tokens: Tensor) -> Tensor:
-    """[documents, 2] (start, end) target ranges in stream order: a document starts at the stream's
-    start and at every BOS, and ends where the next one starts (or at the last target)."""
+    """[documents, 2] (start, end) target ranges: documents start at the stream's start and at every BOS."""
     num_targets = tokens.numel() - 1
     starts = torch.cat((torch.zeros(1, dtype=torch.long), (tokens[1:num_targets] == BOS_ID).nonzero().flatten() + 1))
     spans = torch.stack((starts, torch.cat((starts[1:], torch.tensor([num_targets])))), dim=1)
@@ -2913,12 +2775,10 @@ def document_spans(tokens: Tensor) -> Tensor:
 
 
 def lora_plan(docs: Tensor, h: Hyperparameters) -> tuple[int, list[tuple[int, int]]]:
-    """(chunk C, (rows, forward length) per chunk) of a batch, longest document first: C is TTT_CHUNK_SIZE,
-    or the TTT_SHORT_CHUNKS chunk of the first max_len >= its longest document. Chunk c's windows are
-    padded to the next power of two >= min((c+1)C, T) (at least MIN_WINDOW_BUCKET, at most T); at full
-    windows the batch keeps len(docs) // 4**k rows for the largest k that holds the documents still
-    being scored. Few static shapes for torch.compile, and the long tail of the longest documents does
-    not pay for finished rows (4x less work on the 100 longest proxy documents)."""
+    """(chunk C, (rows, forward length) per chunk) of a batch, longest document first: C is TTT_CHUNK_SIZE, or the
+    TTT_SHORT_CHUNKS chunk of the first max_len >= its longest document. Chunk c's windows are padded to the next power of
+    two >= min((c+1)C, T) (>= MIN_WINDOW_BUCKET); at full windows the batch keeps len(docs) // 4**k rows, the largest k that
+    holds the documents still scored: few static shapes, and the longest documents' tail skips finished rows."""
     lengths = (docs[:, 1] - docs[:, 0]).tolist()
     longest = max(lengths)
     chunk = next((c for n, c in h.short_chunks if longest <= n), h.ttt_chunk_size)
@@ -2933,11 +2793,9 @@ def lora_plan(docs: Tensor, h: Hyperparameters) -> tuple[int, list[tuple[int, in
 
 
 def lora_ttt_schedule(docs: Tensor, h: Hyperparameters, world_size: int) -> list[list[list[Tensor]]]:
-    """segments[k][rank] = that rank's batches (documents [TTT_BATCH_DOCS, 2], longest first, (0, 0) rows
-    padding) before phase boundary k. Documents go longest first (ties: stream order); in lora_phased the
-    first PHASED_TTT_PREFIX_DOCS are cut into PHASED_TTT_NUM_PHASES equal segments and the rest form the
-    last. In a segment each batch goes to the rank with the least work so far (rows x forward length):
-    a static split, so which documents precede each phase never depends on timing."""
+    """segments[k][rank] = that rank's batches (documents [TTT_BATCH_DOCS, 2], longest first, ties in stream order, (0, 0)
+    rows padding) before phase boundary k; in lora_phased the first PHASED_TTT_PREFIX_DOCS form PHASED_TTT_NUM_PHASES equal
+    segments. Each batch goes to the rank with the least work (rows x length): a static split, never timing-dependent."""
     ranked = docs[torch.sort(docs[:, 0] - docs[:, 1], stable=True).indices]
     phases = h.phased_ttt_num_phases if h.ttt_mode == "lora_phased" else 0
     prefix = min(len(docs), round(h.phased_ttt_prefix_docs * len(docs)) if h.phased_ttt_prefix_docs < 1 else int(h.phased_ttt_prefix_docs))
@@ -2961,11 +2819,9 @@ def lora_optimizer(params: list[Tensor], h: Hyperparameters) -> torch.optim.Adam
 
 def lora_ttt_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, docs: Tensor, lora: DocumentLoRA,
                    h: Hyperparameters, totals: Tensor, tilt: NgramTilt | None) -> None:
-    """Score one batch of documents (one row each) chunk by chunk: each chunk's forward adds its score to
-    totals, then the adapters take one AdamW step (beta1 = 0) on the mean loss of each document's chunk,
-    unless it is the document's last. B and the optimizer state start afresh here; A is kept. Where
-    the plan drops rows, the adapters and optimizer state go on for the first rows only: a finished
-    document's adapters stop changing (kept as padding, weight decay would go on shrinking them)."""
+    """Score one batch of documents (a row each) chunk by chunk: each chunk's forward adds its score to totals, then the
+    adapters take one AdamW step (beta1 = 0) on each document's chunk mean loss, unless it is its last. B and the optimizer
+    start afresh; A is kept. Where the plan drops rows only the first go on."""
     docs = docs[torch.sort(docs[:, 0] - docs[:, 1], stable=True).indices]  # longest first: live rows lead
     lora.reset()
     optimizer = lora_optimizer(lora.parameters(), h)
@@ -2991,11 +2847,9 @@ def lora_ttt_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, docs:
 
 
 def global_sgd(model: nn.Module, tokens: Tensor, docs: Tensor, h: Hyperparameters, runtime: Runtime) -> None:
-    """A phase's global SGD on all weights (momentum TTT_MOMENTUM, PHASED_TTT_EPOCHS steps per chunk, LR
-    PHASED_TTT_LR on a cosine over TTT_CHUNK_TOKENS chunks, clip TTT_GRAD_CLIP, gradients averaged over
-    ranks) on the documents `docs` (all scored), concatenated in stream order in sequences of the TTT
-    window. Each keeps its true targets: every document but the stream's last ends at a BOS, which is
-    also the first token of the next one, and the last one's final target is appended."""
+    """A phase's global SGD of all weights (momentum TTT_MOMENTUM, PHASED_TTT_EPOCHS steps per TTT_CHUNK_TOKENS chunk, LR
+    PHASED_TTT_LR cosine over chunks, clip TTT_GRAD_CLIP) on the scored documents `docs` in stream order. Each keeps its
+    true targets: each document but the last ends at the next one's BOS; the last one's final target is appended."""
     last = int(docs[-1, 1])
     stream = torch.cat([tokens[s:e] for s, e in docs.tolist()] + [tokens[last : last + 1]])
     params = list(model.parameters())
@@ -3012,10 +2866,9 @@ def global_sgd(model: nn.Module, tokens: Tensor, docs: Tensor, h: Hyperparameter
 
 def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
                   runtime: Runtime, log=log_nothing, stage: str = "ttt") -> EvalResult:
-    """Score-first per-document LoRA TTT (TTT_MODE=lora), and in lora_phased global SGD of the base model
-    at each phase boundary on every document scored so far, all ranks agreeing (one all-reduce) on
-    which they are; later documents are scored by the updated model with fresh adapters. Every target
-    is scored once, before any update that has seen it (README "TTT"). Changes the weights in place."""
+    """Score-first per-document LoRA TTT; in lora_phased also global SGD of the base model at each phase boundary on every
+    document all ranks have scored (one all-reduce); later documents are scored by the updated model with fresh adapters.
+    Every target is scored once, before any update that has seen it. Changes the weights in place."""
     synchronize(runtime)
     t0 = time.perf_counter()
     tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
@@ -3073,12 +2926,10 @@ def build_model(h: Hyperparameters, runtime: Runtime, backend: str) -> GPT:
 
 
 def compile_model(model: GPT, h: Hyperparameters, runtime: Runtime, dynamic: bool = False) -> str:
-    """Regional compilation (each block and the head) compiles in seconds and serves every layer;
-    full compilation traces the whole unrolled model. Returns the mode used. Static shapes by
-    default (training, plain and sliding eval have one or two); dynamic=True for LoRA TTT's
-    scoring, whose (rows, window) shapes would each cost a compile of every block variant (~60 s
-    on H100). Starts from empty caches: torch 2.13's recompile diagnostics crash when a graph
-    compiled with adapters meets a call without (global SGD between LoRA scoring phases)."""
+    """Regional compilation (each block, the head) compiles in seconds and serves every layer; full traces the unrolled
+    model. Returns the mode. Static shapes by default; dynamic=True for LoRA TTT's scoring, whose (rows, window) shapes
+    would each cost a compile of every block variant (~60 s on H100). From empty caches: torch 2.13's recompile
+    diagnostics crash when a graph compiled with adapters meets a call without."""
     mode = h.compile
     if mode == "auto":
         mode = "regional" if runtime.device.type == "cuda" else "none"
@@ -3098,8 +2949,7 @@ def compile_model(model: GPT, h: Hyperparameters, runtime: Runtime, dynamic: boo
 
 
 def batch_layout(h: Hyperparameters, runtime: Runtime) -> tuple[int, int]:
-    """(sequences per micro-batch on one rank, gradient-accumulation steps) for the global batch:
-    the largest micro-batch <= MICRO_BATCH_SEQS that divides the rank's share of the batch."""
+    """(sequences per micro-batch per rank, accumulation steps): the largest micro-batch <= MICRO_BATCH_SEQS dividing the share."""
     global_seqs = h.train_batch_tokens // h.train_seq_len
     if global_seqs % runtime.world_size:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} gives {global_seqs} sequences, not divisible by the world size {runtime.world_size}")
@@ -3122,16 +2972,13 @@ def train_step(model: GPT, optimizers: Optimizers, loader: TrainLoader, grad_acc
     return total / grad_accum_steps
 
 
-def warm_up_and_reset(model: GPT, optimizers: Optimizers, loader: TrainLoader, h: Hyperparameters,
-                      grad_accum_steps: int) -> None:
-    """Run WARMUP_STEPS real steps for every graph variant (without and with looping) so that all
-    compilation happens here, then restore the initial weights, optimizer state and data position:
-    warm-up never trains the model."""
+def warm_up_and_reset(model: GPT, optimizers: Optimizers, loader: TrainLoader, h: Hyperparameters, grad_accum_steps: int) -> None:
+    """WARMUP_STEPS real steps per graph variant (without and with looping) so that all compilation happens here, then
+    the initial weights, optimizer state and data position are restored: warm-up never trains the model."""
     if h.warmup_steps == 0:
         return
     model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    optimizer_state = optimizers.state_dict()
-    loader_state = loader.state_dict()
+    optimizer_state, loader_state = optimizers.state_dict(), loader.state_dict()
     for looping in ([False, True] if h.num_loops else [False]):
         model.looping = looping
         for _ in range(h.warmup_steps):
@@ -3168,8 +3015,7 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
     micro_seqs, grad_accum_steps = batch_layout(h, runtime)
     log(f"world_size:{runtime.world_size} grad_accum_steps:{grad_accum_steps} micro_batch_seqs:{micro_seqs} "
         f"global_batch_tokens:{h.train_batch_tokens}")
-    train_files = list_shards(h.dataset_dir, "train")
-    loader = TrainLoader(train_files, h.train_seq_len, micro_seqs, grad_accum_steps, runtime, h.seed, h.vocab_size)
+    loader = TrainLoader(list_shards(h.dataset_dir, "train"), h.train_seq_len, micro_seqs, grad_accum_steps, runtime, h.seed, h.vocab_size)
     optimizers = Optimizers(model, h, runtime)
 
     synchronize(runtime)
@@ -3194,8 +3040,7 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
     synchronize(runtime)
     t_resume = time.perf_counter()
     while step < h.iterations:
-        # The clock every rank agreed on after the previous step.
-        frac = training_progress(step, elapsed, budget, h.iterations)
+        frac = training_progress(step, elapsed, budget, h.iterations)  # on the clock all ranks agreed on after the last step
         if h.num_loops and not model.looping and frac >= h.enable_looping_at:
             model.looping = True
             log(f"looping:on step:{step} train_time:{elapsed * 1000:.0f}ms order:{model.virtual_order()}")
@@ -3207,8 +3052,7 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
         loss = train_step(model, optimizers, loader, grad_accum_steps, lr_mult, muon_momentum_at(step, h))
         step += 1
         averager.update(step, in_warmdown=frac >= 1.0 - h.warmdown_frac)
-        # One small all-reduce per step: every rank sees the same clock (same stop/looping decisions),
-        # the mean loss, and whether any rank diverged.
+        # One small all-reduce per step: the same clock on every rank (same stop/looping decisions), mean loss, divergence.
         stats = torch.tensor([training_seconds + time.perf_counter() - t_resume, float(loss),
                               float(not torch.isfinite(loss))], device=runtime.device, dtype=torch.float64)
         stats = runtime.comm.all_reduce_sum(stats) / runtime.world_size
@@ -3217,8 +3061,7 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
         if diverged:
             raise TrainingDiverged(f"train loss is {float(loss)} at step {step}: the run diverged; "
                                    f"lower MATRIX_LR/SCALAR_LR/TIED_EMBED_LR or check the data")
-        # Stop when another step like the last one would overrun the budget: the limit is never crossed.
-        last = elapsed + step_seconds > budget or step >= h.iterations
+        last = elapsed + step_seconds > budget or step >= h.iterations  # stop before a step like the last would overrun
         if step <= 5 or step % h.train_log_every == 0 or last:
             tokens_per_s = step * h.train_batch_tokens / max(elapsed, 1e-9)
             log(f"step:{step}/{h.iterations} train_loss:{mean_loss:.4f} train_time:{elapsed * 1000:.0f}ms "
@@ -3254,9 +3097,8 @@ def held_out_train_loss(model: GPT, batches: list[tuple[Tensor, Tensor]], runtim
 
 def choose_averaged_weights(model: GPT, averager: WeightAverager, loader: TrainLoader, h: Hyperparameters,
                             runtime: Runtime, log: Logger) -> str:
-    """Load the averaged weights unless the raw ones do better on AVERAGE_CHECK_SEQS unseen training
-    sequences (never validation data): averaging helps long runs, can lag very short ones.
-    Returns which weights the model now holds: "raw", "ema" or "swa"."""
+    """Load the averaged weights unless the raw ones do better on AVERAGE_CHECK_SEQS unseen training sequences
+    (averaging helps long runs, can lag very short ones). Returns what the model now holds: "raw", "ema" or "swa"."""
     if h.averaging == "none" or (h.averaging == "swa" and averager.snapshots == 0):
         return "raw"
     if h.average_check_seqs == 0:
@@ -3281,9 +3123,8 @@ def choose_averaged_weights(model: GPT, averager: WeightAverager, loader: TrainL
 
 
 def measure_calibration_seconds(model: GPT, h: Hyperparameters, runtime: Runtime) -> float:
-    """What the weight choice and GPTQ calibration will cost after training, measured before the clock
-    on random tokens (never training data): their eager forwards, each timed on its second run.
-    Returns 1.25 x the estimate + 1 s, a margin for loader reads and the averaged-weights copy."""
+    """The cost of the weight choice and GPTQ calibration after training, measured before the clock on random tokens (eager
+    forwards, timed on their second run): 1.25 x the estimate + 1 s (loader reads, the averaged-weights copy)."""
     def timed(fn) -> float:
         for _ in range(2):
             synchronize(runtime)
@@ -3301,9 +3142,8 @@ def measure_calibration_seconds(model: GPT, h: Hyperparameters, runtime: Runtime
 
 
 def calibration_batches(loader: TrainLoader, h: Hyperparameters, runtime: Runtime):
-    """GPTQ_CALIBRATION_BATCHES batches of GPTQ_CALIBRATION_SEQS training sequences in all, split over
-    ranks (never validation data). 64 x 8 x 2048 = 1M tokens pin down 512..2048-wide Hessians; more
-    only costs time (the hooks' X^T X is fp32 and eager)."""
+    """GPTQ_CALIBRATION_BATCHES batches of GPTQ_CALIBRATION_SEQS training sequences, split over ranks. 64 x 8 x 2048 =
+    1M tokens pin down 512..2048-wide Hessians; more only costs time (the hooks' X^T X is fp32 and eager)."""
     for _ in range(max(1, h.gptq_calibration_batches // runtime.world_size)):
         x, y = loader.next_batch()
         yield x[: h.gptq_calibration_seqs], y[: h.gptq_calibration_seqs]
@@ -3311,9 +3151,8 @@ def calibration_batches(loader: TrainLoader, h: Hyperparameters, runtime: Runtim
 
 def evaluate_artifact(path: str, h: Hyperparameters, runtime: Runtime, log: Logger, backend: str,
                       val_tokens: Tensor, val_target_bytes: Tensor) -> tuple[EvalResult, dict]:
-    """Score an artifact file the way the rules count it: the eval clock runs from reading the file
-    and building the model to the last score. Stages: plain, sliding, TTT (last: it changes the
-    weights). Returns (the final result, timing fields for the final event)."""
+    """Score an artifact file as the rules count it: the eval clock runs from reading the file to the last score of
+    plain, sliding, TTT (last: it changes the weights). Returns (final result, timing fields for the final event)."""
     synchronize(runtime)
     t0 = time.perf_counter()
     _, blob = read_artifact(path)
@@ -3408,8 +3247,7 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     if h.requantize_from:  # the saved averaged weights replace training; only calibration reads training data
         model.load_state_dict(read_saved_weights(h.requantize_from)[1])
         log(f"weights: {h.requantize_from} (REQUANTIZE_FROM; no training)")
-        micro_seqs, accum = batch_layout(h, runtime)
-        loader = TrainLoader(train_files, h.train_seq_len, micro_seqs, accum, runtime, h.seed, h.vocab_size)
+        loader = TrainLoader(train_files, h.train_seq_len, micro_seqs, grad_accum_steps, runtime, h.seed, h.vocab_size)
         training_seconds, chosen = 0.0, "saved"
     else:
         loader, averager, training_seconds = train(model, h, runtime, log, val_tokens, val_target_bytes)
@@ -3487,12 +3325,10 @@ def print_knobs() -> None:
 
 
 def check_fits_machine(h: Hyperparameters) -> None:
-    """Refuse up front a config whose activations cannot fit this machine's memory without a GPU (the
-    8xH100 record config on a laptop), instead of running until the kernel kills it."""
+    """Without a GPU, refuse up front a config whose activations cannot fit in memory, instead of running until the kernel kills it."""
     if torch.cuda.is_available():
         return
-    micro_seqs = min(h.micro_batch_seqs, h.train_batch_tokens // h.train_seq_len)
-    tokens = micro_seqs * h.train_seq_len
+    tokens = min(h.micro_batch_seqs, h.train_batch_tokens // h.train_seq_len) * h.train_seq_len
     layers = len(loop_schedule(h.num_layers, h.loop_start, h.loop_end, h.num_loops, True))
     # ~20 fp32 activations of width d saved per virtual layer and token, plus logits and their gradient.
     need = tokens * 4 * (20 * h.model_dim * layers + 3 * h.vocab_size)
@@ -3504,8 +3340,7 @@ def check_fits_machine(h: Hyperparameters) -> None:
 
 
 def load_config() -> Hyperparameters:
-    """The knobs; with EVAL_ONLY or REQUANTIZE_FROM the model (and for EVAL_ONLY the quantization)
-    knobs come from that file, which is checked here, before any data is read."""
+    """The knobs; EVAL_ONLY / REQUANTIZE_FROM: model (EVAL_ONLY: also quantization) knobs from that file, checked before any data."""
     h = Hyperparameters()
     if h.eval_only:
         h = Hyperparameters(fixed=read_artifact(h.eval_only)[0])
