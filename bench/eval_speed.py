@@ -5,7 +5,8 @@ as main does (COMPILE), makes a validation stream of BENCH_VAL_TOKENS tokens (ra
 documents of log-normal lengths, median ~545 and mean ~900 tokens like FineWeb's, or the first tokens
 of the real validation set with BENCH_REAL_DATA=1: per-document LoRA TTT costs grow with the square of
 a document's length up to the window, so its speed depends on the documents) and times each stage
-after a warm-up that compiles every shape on random tokens (weights restored before every stage).
+after a warm-up that compiles every shape on random tokens (weights restored before every stage;
+the LoRA stages recompile from empty dynamo caches at each phase, with Inductor's on-disk cache warm).
 Stages: plain, sliding, sgd (= ttt), lora, lora_phased (TTT_MODE for that stage). Prints tokens/s
 and the projection of each stage to FineWeb's 47.9M validation tokens (CaseOps) on 8 GPUs.
 
