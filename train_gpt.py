@@ -2715,17 +2715,17 @@ class LoRATerms:
     scale: float
 
     def add(self, name: str, x: Tensor, y: Tensor) -> Tensor:
-        """y + placement `name`'s term of x [docs, T, in]; y itself where this slot has no such adapter."""
+        """y + placement `name`'s term of x [rows, T, in] (the first rows of the batch); y where this slot has no such adapter."""
         if name not in self.factors:
             return y
-        a, b = (f.to(x.dtype) for f in self.factors[name])
+        a, b = (f[: x.size(0)].to(x.dtype) for f in self.factors[name])
         return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)) * self.scale, b.transpose(1, 2))
 
 
 class DocumentLoRA:
     """Adapters for TTT_BATCH_DOCS documents at the TTT_LORA_TARGETS placements of every virtual layer and the head. A,
     drawn from U(+-1/sqrt(in)), is kept between batches (warm start: it has only trained on documents scored earlier);
-    reset() zeroes B, so a batch starts from the base model; narrow(n) goes on with the first n rows."""
+    reset() zeroes B, so a batch starts from the base model."""
 
     def __init__(self, h: Hyperparameters, num_layers: int, device: torch.device, seed: int) -> None:
         d, kv, rank, docs = h.model_dim, h.num_kv_heads * h.head_dim, h.ttt_lora_rank, h.ttt_batch_docs
@@ -2737,33 +2737,14 @@ class DocumentLoRA:
             return a.requires_grad_(), torch.zeros(docs, n_out, rank, device=device, requires_grad=True)
         self.layers = [LoRATerms({t: pair(*shapes[t]) for t in targets if t != "head"}, scale) for _ in range(num_layers)]
         self.head = LoRATerms({t: pair(*shapes[t]) for t in targets if t == "head"}, scale)
-        self.full = self.parameters()  # all TTT_BATCH_DOCS rows; narrow() trains leaves cut from these
 
     def parameters(self) -> list[Tensor]:
         return [f for terms in (*self.layers, self.head) for pair in terms.factors.values() for f in pair]
 
-    def _set(self, factors: list[Tensor]) -> None:
-        it = iter(factors)
-        for terms in (*self.layers, self.head):
-            terms.factors = {name: (next(it), next(it)) for name in terms.factors}
-
-    @torch.no_grad()
-    def _store(self) -> None:
-        """Write the trained rows back into the full tensors (A of the rows left out stays as it is)."""
-        for full, live in zip(self.full, self.parameters()):
-            if live is not full:
-                full[: live.size(0)].copy_(live)
-
     @torch.no_grad()
     def reset(self) -> None:
-        self._store()
-        self._set(self.full)
-        for b in self.full[1::2]:  # the parameters are (A, B) pairs
+        for b in self.parameters()[1::2]:  # the parameters are (A, B) pairs
             b.zero_()
-
-    def narrow(self, rows: int) -> None:
-        self._store()
-        self._set([f.detach()[:rows].clone().requires_grad_() for f in self.full])
 
 
 def document_spans(tokens: Tensor) -> Tensor:
@@ -2772,6 +2753,11 @@ def document_spans(tokens: Tensor) -> Tensor:
     starts = torch.cat((torch.zeros(1, dtype=torch.long), (tokens[1:num_targets] == BOS_ID).nonzero().flatten() + 1))
     spans = torch.stack((starts, torch.cat((starts[1:], torch.tensor([num_targets])))), dim=1)
     return spans[spans[:, 1] > spans[:, 0]]
+
+
+def longest_first(docs: Tensor) -> Tensor:
+    """Document spans [n, 2] sorted by length, longest first, ties in their given order."""
+    return docs[torch.sort(docs[:, 0] - docs[:, 1], stable=True).indices]
 
 
 def lora_plan(docs: Tensor, h: Hyperparameters) -> tuple[int, list[tuple[int, int]]]:
@@ -2796,7 +2782,7 @@ def lora_ttt_schedule(docs: Tensor, h: Hyperparameters, world_size: int) -> list
     """segments[k][rank] = that rank's batches (documents [TTT_BATCH_DOCS, 2], longest first, ties in stream order, (0, 0)
     rows padding) before phase boundary k; in lora_phased the first PHASED_TTT_PREFIX_DOCS form PHASED_TTT_NUM_PHASES equal
     segments. Each batch goes to the rank with the least work (rows x length): a static split, never timing-dependent."""
-    ranked = docs[torch.sort(docs[:, 0] - docs[:, 1], stable=True).indices]
+    ranked = longest_first(docs)
     phases = h.phased_ttt_num_phases if h.ttt_mode == "lora_phased" else 0
     prefix = min(len(docs), round(h.phased_ttt_prefix_docs * len(docs)) if h.phased_ttt_prefix_docs < 1 else int(h.phased_ttt_prefix_docs))
     bounds = [0] + [prefix * k // phases for k in range(1, phases + 1)] + [len(docs)]
@@ -2812,28 +2798,20 @@ def lora_ttt_schedule(docs: Tensor, h: Hyperparameters, world_size: int) -> list
     return segments
 
 
-def lora_optimizer(params: list[Tensor], h: Hyperparameters) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=h.ttt_lora_lr, betas=(0.0, h.ttt_lora_beta2), eps=1e-10,
-                             weight_decay=h.ttt_lora_wd, fused=params[0].is_cuda)
-
-
 def lora_ttt_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, docs: Tensor, lora: DocumentLoRA,
                    h: Hyperparameters, totals: Tensor, tilt: NgramTilt | None) -> None:
     """Score one batch of documents (a row each) chunk by chunk: each chunk's forward adds its score to totals, then the
     adapters take one AdamW step (beta1 = 0) on each document's chunk mean loss, unless it is its last. B and the optimizer
-    start afresh; A is kept. Where the plan drops rows only the first go on."""
-    docs = docs[torch.sort(docs[:, 0] - docs[:, 1], stable=True).indices]  # longest first: live rows lead
+    start afresh; A is kept. Where the plan drops rows, the forward runs the first rows (the adapters' first rows): the
+    dropped ones get no gradient and only weight decay, as padding rows did."""
+    docs = longest_first(docs)  # live rows lead
     lora.reset()
-    optimizer = lora_optimizer(lora.parameters(), h)
+    optimizer = torch.optim.AdamW(lora.parameters(), lr=h.ttt_lora_lr, betas=(0.0, h.ttt_lora_beta2), eps=1e-10,
+                                  weight_decay=h.ttt_lora_wd, fused=tokens.is_cuda)
     chunk, plan = lora_plan(docs, h)
     starts, lengths = docs[:, 0].to(tokens.device), (docs[:, 1] - docs[:, 0]).to(tokens.device)  # no host sync below
     for c, (rows, seq_len) in enumerate(plan):
-        if rows < starts.numel():
-            starts, lengths, old = starts[:rows], lengths[:rows], optimizer
-            lora.narrow(rows)
-            optimizer = lora_optimizer(lora.parameters(), h)
-            for p_old, p in zip(old.param_groups[0]["params"], lora.parameters()):
-                optimizer.state[p] = {k: v[:rows].clone() if v.dim() else v.clone() for k, v in old.state[p_old].items()}
+        starts, lengths = starts[:rows], lengths[:rows]
         end = lengths.clamp(max=(c + 1) * chunk)
         windows = torch.stack((starts + (end - h.ttt_window).clamp(min=0), starts + c * chunk, starts + end), dim=1)
         windows = torch.where((lengths > c * chunk)[:, None], windows, 0)
@@ -2843,7 +2821,6 @@ def lora_ttt_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, docs:
             (torch.where(trained, nll, 0.0).sum(1) / trained.sum(1).clamp(min=1)).sum().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    lora.reset()  # A's trained rows back into the full tensors
 
 
 def global_sgd(model: nn.Module, tokens: Tensor, docs: Tensor, h: Hyperparameters, runtime: Runtime) -> None:

@@ -91,9 +91,8 @@ def test_rows_shrink_at_full_windows_to_the_documents_still_scored(monkeypatch):
 
 def test_dropping_finished_rows_changes_no_score_and_no_adapter(monkeypatch):
     """The same run with the plan's rows kept at TTT_BATCH_DOCS: the scores, and A carried to later
-    batches, agree (only the finished rows are dropped, with their optimizer state). Weight decay 0:
-    kept rows of finished documents would go on decaying, dropped ones do not."""
-    h = lora_hparams(monkeypatch, TTT_LORA_WD=0)
+    batches, agree (only the finished rows are dropped; weight decay on, so it acts on dropped rows too)."""
+    h = lora_hparams(monkeypatch, TTT_LORA_WD=0.5)
     tokens, _ = doc_stream(DOC_LENGTHS, h.vocab_size)
     target_bytes = make_target_bytes(tokens)
     plan = tg.lora_plan
