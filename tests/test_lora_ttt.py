@@ -355,6 +355,36 @@ def test_compiled_blocks_do_not_recompile_per_slot_or_batch(monkeypatch):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("mode", ["sgd", "lora", "lora_phased"])
+def test_warm_up_compiles_every_graph_the_evaluation_runs(monkeypatch, mode):
+    """evaluate_artifact compiles (regional, with a counting backend that runs the graphs eagerly) and warms up on
+    random tokens before its clock: the evaluation that follows, on documents of other lengths (longer and shorter
+    than the window, rows dropping at full windows), compiles nothing new. With the warm-up removed it would."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+    h = lora_hparams(monkeypatch, COMPILE="regional", TTT_MODE=mode, EVAL_SEQ_LEN=128, TTT_CHUNK_SIZE=16,
+                     TTT_BATCH_DOCS=16, PHASED_TTT_PREFIX_DOCS=0.25, TTT_CHUNK_TOKENS=512)
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 128)
+    counter, real_compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(real_compile, backend=counter))
+    state = make_model(h, seed=1).state_dict()
+    frames_at_clock_start = []
+
+    def load(blob, model):
+        frames_at_clock_start.append(counter.frame_count)
+        model.load_state_dict(state)
+    monkeypatch.setattr(tg, "read_artifact", lambda path: ({}, b""))
+    monkeypatch.setattr(tg, "load_artifact", load)
+    monkeypatch.setattr(tg, "build_model", lambda h, runtime, backend: make_model(h))
+    tokens, _ = doc_stream((400, 300, 150, 90, 70, 60, 40, 33, 20, 9, 3, 1) * 2, h.vocab_size)
+    try:
+        result, timing = tg.evaluate_artifact("x.ptz", h, CPU, tg.Logger(CPU, None, ""), "sdpa", tokens, make_target_bytes(tokens))
+    finally:
+        torch._dynamo.reset()
+    assert result.stage == "quantized_ttt" and result.tokens == tokens.numel() - 1 and timing["eval_warmup_s"] > 0
+    assert 0 < frames_at_clock_start[0] == counter.frame_count
+
+
 # ------------------------------------------------------------------ two gloo processes
 
 def lora_evals(runtime: tg.Runtime, state_path: str, seen: torch.Tensor) -> list:
