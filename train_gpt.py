@@ -2705,6 +2705,7 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
 # adapters on the chunk's mean loss follows. The last chunk is scored only.
 LORA_PLACEMENTS = ("q", "k", "v", "o", "mlp", "head")
 MIN_WINDOW_BUCKET = 128  # shortest forward: the GPU is latency-bound below, and it is FlexAttention's mask block
+MIN_ROWS = 2  # rows a LoRA forward keeps: one row would be a second compiled graph per block variant (dynamo specializes 1)
 CHALLENGE_VAL_TOKENS = 47_851_520  # FineWeb validation tokens with the records' CaseOps tokenizer (40,540,160 with sp8192)
 
 
@@ -2765,8 +2766,8 @@ def longest_first(docs: Tensor) -> Tensor:
 def lora_plan(docs: Tensor, h: Hyperparameters) -> tuple[int, list[tuple[int, int]]]:
     """(chunk C, (rows, forward length) per chunk) of a batch, longest document first: C is TTT_CHUNK_SIZE, or the
     TTT_SHORT_CHUNKS chunk of the first max_len >= its longest document. Chunk c's windows are padded to the next power of
-    two >= min((c+1)C, T) (>= MIN_WINDOW_BUCKET); at full windows the batch keeps len(docs) // 4**k rows, the largest k that
-    holds the documents still scored: few static shapes, and the longest documents' tail skips finished rows."""
+    two >= min((c+1)C, T) (>= MIN_WINDOW_BUCKET); at full windows the batch keeps max(MIN_ROWS, len(docs) // 4**k) rows, the
+    largest k that holds the documents still scored: few shapes, and the longest documents' tail skips finished rows."""
     lengths = (docs[:, 1] - docs[:, 0]).tolist()
     longest = max(lengths)
     chunk = next((c for n, c in h.short_chunks if longest <= n), h.ttt_chunk_size)
@@ -2774,8 +2775,8 @@ def lora_plan(docs: Tensor, h: Hyperparameters) -> tuple[int, list[tuple[int, in
     for c, end in enumerate(range(chunk, longest + chunk, chunk)):
         seq_len = min(h.ttt_window, max(MIN_WINDOW_BUCKET, 1 << (min(end, h.ttt_window) - 1).bit_length()))
         live = sum(n > c * chunk for n in lengths)
-        while seq_len == h.ttt_window and rows > 1 and live <= max(1, rows // 4):
-            rows = max(1, rows // 4)
+        while seq_len == h.ttt_window and rows > MIN_ROWS and live <= max(MIN_ROWS, rows // 4):
+            rows = max(MIN_ROWS, rows // 4)
         plan.append((rows, seq_len))
     return chunk, plan
 
@@ -3134,25 +3135,33 @@ def random_documents(lengths: list[int], h: Hyperparameters) -> tuple[Tensor, Te
     return tokens, torch.ones(tokens.numel() - 1, dtype=torch.int32)
 
 
-def warm_up_evaluation(model: GPT, h: Hyperparameters, runtime: Runtime) -> float:
+def warm_up_evaluation(model: GPT, h: Hyperparameters, runtime: Runtime) -> dict[str, float]:
     """Run the final evaluation's stages once on random tokens, so that every graph compiles before the eval clock starts,
     as the records do (FRONTIER §5); the artifact's weights replace the model's afterwards. Every stage pads its forwards
     to fixed shapes, so these streams give them all: plain and sliding one full batch per rank, SGD TTT two chunks, LoRA
-    TTT a batch per rank whose rows drop B -> B/4 -> ... -> 1 at full windows, and global SGD. Returns the seconds."""
-    synchronize(runtime)
-    t0 = time.perf_counter()
+    TTT a batch per rank whose rows drop B -> B/4 -> ... -> MIN_ROWS at full windows, and global SGD. Returns the seconds
+    of each part."""
+    seconds, t0 = {}, time.perf_counter()
+
+    def lap(part: str) -> None:
+        nonlocal t0
+        synchronize(runtime)
+        seconds[part], t0 = time.perf_counter() - t0, time.perf_counter()
     windows = h.val_batch_tokens // h.eval_seq_len * runtime.world_size  # one full forward on every rank
     eval_plain(model, *random_documents([windows * h.eval_seq_len], h), h, runtime)
+    lap("plain")
     if h.sliding_window_enabled:
         eval_sliding(model, *random_documents([windows * h.eval_stride + h.eval_seq_len], h), h, runtime)
+        lap("sliding")
     if h.ttt_enabled and h.ttt_mode == "sgd":
         eval_ttt(model, *random_documents([2 * h.ttt_chunk_tokens], h), h, runtime)
+        lap("sgd_ttt")
     elif h.ttt_enabled:
         lengths, rows, extra = [], h.ttt_batch_docs, 2  # each group ends two chunks after the one before it
-        while rows > 1:
-            lengths += [h.ttt_window + extra * h.ttt_chunk_size] * (rows - max(1, rows // 4))
-            rows, extra = max(1, rows // 4), extra + 2
-        tokens, target_bytes = random_documents(lengths + [h.ttt_window + extra * h.ttt_chunk_size], h)
+        while rows > MIN_ROWS:
+            lengths += [h.ttt_window + extra * h.ttt_chunk_size] * (rows - max(MIN_ROWS, rows // 4))
+            rows, extra = max(MIN_ROWS, rows // 4), extra + 2
+        tokens, target_bytes = random_documents(lengths + [h.ttt_window + extra * h.ttt_chunk_size] * rows, h)
         tokens, target_bytes = tokens.to(runtime.device), target_bytes.to(runtime.device)
         docs = document_spans(tokens.cpu())
         num_layers = len(loop_schedule(h.num_layers, h.loop_start, h.loop_end, h.num_loops, True))
@@ -3161,11 +3170,12 @@ def warm_up_evaluation(model: GPT, h: Hyperparameters, runtime: Runtime) -> floa
         with looping_enabled(model):
             lora_ttt_batch(model, tokens, target_bytes, docs, DocumentLoRA(h, num_layers, runtime.device, h.seed), h,
                            totals, ngram_tilt(tokens, h))
+            lap("lora")
             if h.ttt_mode == "lora_phased":
                 global_sgd(model, tokens, docs, h, runtime)
+                lap("global_sgd")
         model.requires_grad_(True)
-    synchronize(runtime)
-    return time.perf_counter() - t0
+    return seconds
 
 
 def evaluate_artifact(path: str, h: Hyperparameters, runtime: Runtime, log: Logger, backend: str,
@@ -3177,8 +3187,10 @@ def evaluate_artifact(path: str, h: Hyperparameters, runtime: Runtime, log: Logg
     model = build_model(h, runtime, backend)
     warmup_seconds = 0.0
     if compile_model(model, h, runtime, dynamic=None if h.ttt_enabled and h.ttt_mode != "sgd" else False) != "none":
-        warmup_seconds = warm_up_evaluation(model, h, runtime)
-        log(f"eval warm-up (compile on random tokens, before the eval clock): {warmup_seconds:.1f}s")
+        parts = warm_up_evaluation(model, h, runtime)
+        warmup_seconds = sum(parts.values())
+        log(f"eval warm-up (compile on random tokens, before the eval clock): {warmup_seconds:.1f}s ("
+            + ", ".join(f"{part} {t:.1f}s" for part, t in parts.items()) + ")")
     synchronize(runtime)
     t0 = time.perf_counter()
     _, blob = read_artifact(path)

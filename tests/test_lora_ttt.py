@@ -71,7 +71,7 @@ def test_chunk_size_and_window_lengths(monkeypatch):
     assert chunk == 5 and len(lengths) == 92
     assert lengths == [min(200, max(128, 1 << (min(5 * (c + 1), 200) - 1).bit_length())) for c in range(92)]
     assert sorted(set(lengths)) == [128, 200] and lengths.count(128) == 25
-    assert [rows for rows, _ in plan] == [2] * 25 + [1] * 67  # one document left, at full windows: one row
+    assert [rows for rows, _ in plan] == [2] * 92  # one document left, at full windows: still MIN_ROWS = 2 rows
 
 
 def test_rows_shrink_at_full_windows_to_the_documents_still_scored(monkeypatch):
@@ -84,9 +84,9 @@ def test_rows_shrink_at_full_windows_to_the_documents_still_scored(monkeypatch):
         live = sum(n > 8 * c for n in lengths)
         if seq_len < 128:  # windows still growing: every row
             assert rows == 20
-        else:  # the fewest of 20, 5, 1 rows that hold the documents still scored
-            assert rows == min(r for r in (20, 5, 1) if r >= live)
-    assert {rows for rows, _ in plan} == {20, 5, 1}
+        else:  # the fewest of 20, 5, 2 rows (never one: a second graph per block) that hold the documents still scored
+            assert rows == min(r for r in (20, 5, 2) if r >= live)
+    assert {rows for rows, _ in plan} == {20, 5, 2}
 
 
 def test_dropping_finished_rows_changes_no_score_and_no_adapter(monkeypatch):
@@ -316,7 +316,7 @@ def test_short_chunks_and_long_windows_use_few_static_shapes(monkeypatch):
     result = tg.eval_lora_ttt(recorder, tokens, make_target_bytes(tokens), h, CPU)
     assert result.tokens == tokens.numel() - 1
     assert result.loss * result.tokens == pytest.approx(recorder.weights[tokens[1:]].sum().item(), rel=1e-12)
-    assert recorder.shapes == {(3, 128), (3, 256), (1, 256)}
+    assert recorder.shapes == {(3, 128), (2, 256)}  # two documents still scored at full windows: MIN_ROWS rows
 
 
 def test_compiled_blocks_do_not_recompile_per_slot_or_batch(monkeypatch):
