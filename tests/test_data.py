@@ -406,7 +406,8 @@ def test_every_reported_bpb_counts_the_sidecar_bytes(tmp_path, sp1024_model_path
            "TOKENIZER_PATH": "", "RUN_ID": "sidecar", "LOG_DIR": str(tmp_path / "logs"), "ITERATIONS": "2",
            "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "TRAIN_BATCH_TOKENS": "256", "MICRO_BATCH_SEQS": "8",
            "VAL_LOSS_EVERY": "1", "GPTQ_CALIBRATION_BATCHES": "1", "AVERAGE_CHECK_SEQS": "2", "EVAL_STRIDE": "16",
-           "VAL_BATCH_TOKENS": "1024", "TTT_CHUNK_TOKENS": "512", "TTT_EPOCHS": "1", "OMP_NUM_THREADS": "1"}
+           "VAL_BATCH_TOKENS": "1024", "TTT_CHUNK_TOKENS": "512", "TTT_EPOCHS": "1", "OMP_NUM_THREADS": "1",
+           "SLIDING_WINDOW_ENABLED": "1"}  # every stage, the default-off sliding one too
     done = subprocess.run([sys.executable, str(REPO_ROOT / "train_gpt.py")], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"tokenizer:{tmp_path / 'data' / 'tokenizers' / 'docs_sp1024.model'}" in done.stdout

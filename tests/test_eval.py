@@ -1,6 +1,8 @@
 """Evaluation section: plain, sliding-window and legal score-first TTT evaluation (SPEC §7)."""
 import math
+import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -235,6 +237,9 @@ def distributed_worker(rank: int, world_size: int, port: int, state_path: str, o
         dist.barrier()  # both ranks done before teardown (gloo can abort a rank torn down mid-exchange)
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as train_gpt.py's main: gloo's teardown at interpreter exit aborts a finished rank now and then
 
 
 def test_two_processes_match_one(tmp_path):

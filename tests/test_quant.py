@@ -24,7 +24,7 @@ from tiny import write_shards  # noqa: E402
 torch.set_num_threads(1)
 
 TINY = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", VOCAB_SIZE="256", LOOP_START="0",
-            LOOP_END="0", PARALLEL_START="1", TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32")
+            LOOP_END="0", PARALLEL_START="1", TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32", TTT_CHUNK_SIZE="8")
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import os
 TINY_ENV = dict(
     NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", VOCAB_SIZE="256",
     LOOP_START="1", LOOP_END="2", NUM_LOOPS="1", PARALLEL_START="3", XSA_LAST_N="4",
-    ROPE_DIMS="8", TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32",
+    ROPE_DIMS="8", TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32", TTT_CHUNK_SIZE="8",  # LoRA TTT (the default) chunks fit the window
 )
 
 
