@@ -5,8 +5,8 @@ as main does (COMPILE), makes a validation stream of BENCH_VAL_TOKENS tokens (ra
 documents of log-normal lengths, median ~545 and mean ~900 tokens like FineWeb's, or the first tokens
 of the real validation set with BENCH_REAL_DATA=1: per-document LoRA TTT costs grow with the square of
 a document's length up to the window, so its speed depends on the documents) and times each stage
-after a warm-up that compiles every shape on random tokens (weights restored before every stage;
-the LoRA stages recompile from empty dynamo caches at each phase, with Inductor's on-disk cache warm).
+after train_gpt.py's own warm-up (warm_up_evaluation: every shape compiled on random tokens, as before
+the eval clock of a real run; weights restored before every stage).
 Stages: plain, sliding, sgd (= ttt), lora, lora_phased (TTT_MODE for that stage). Prints tokens/s
 and the projection of each stage to FineWeb's 47.9M validation tokens (CaseOps) on 8 GPUs.
 
@@ -49,19 +49,6 @@ def real_validation(h, num_tokens):
     return tokens[:num_tokens], target_bytes[: num_tokens - 1]
 
 
-def warmup_stream(h, name):
-    """Random tokens (never validation data) that compile every shape a stage uses: for plain/sliding/sgd
-    two TTT chunks of documents; for lora a document longer than the window by two chunks (every window
-    length; the phases' global SGD takes it, as the longest) and short ones (for TTT_SHORT_CHUNKS)."""
-    if name not in ("lora", "lora_phased"):
-        return random_validation(h, 2 * max(h.eval_seq_len, h.ttt_chunk_tokens) + 1, seed=1)
-    g = torch.Generator().manual_seed(1)
-    lengths = [h.ttt_window + 2 * h.ttt_chunk_size] + [40] * 19 + [n for n, _ in h.short_chunks]
-    tokens = torch.randint(4, h.vocab_size, (sum(lengths) + 1,), generator=g)
-    tokens[torch.cumsum(torch.tensor([0] + lengths[:-1]), 0)] = tg.BOS_ID
-    return tokens, torch.randint(1, 8, (tokens.numel() - 1,), generator=g, dtype=torch.int32)
-
-
 def stage_config(h, name):
     """h with TTT_MODE of a TTT stage (sgd/ttt, lora, lora_phased)."""
     staged = copy.copy(h)
@@ -79,7 +66,8 @@ def main():
     model = tg.build_model(h, runtime, backend)
     if os.environ.get("BENCH_STATE"):
         model.load_state_dict(torch.load(os.environ["BENCH_STATE"], map_location=runtime.device))
-    compile_mode = tg.compile_model(model, h, runtime)
+    lora_stages = any(name.startswith("lora") for name in stages)
+    compile_mode = tg.compile_model(model, h, runtime, dynamic=None if lora_stages else False)  # as evaluate_artifact
     if os.environ.get("BENCH_REAL_DATA") == "1":
         val_tokens, target_bytes = real_validation(h, num_tokens)
     else:
@@ -95,7 +83,9 @@ def main():
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     t0 = time.perf_counter()
     for name in stages:
-        STAGES[name](model, *warmup_stream(h, name), stage_config(h, name), runtime)
+        staged = stage_config(h, name)
+        staged.sliding_window_enabled, staged.ttt_enabled = name == "sliding", name not in ("plain", "sliding")
+        tg.warm_up_evaluation(model, staged, runtime)
         model.load_state_dict(initial_state)
     log(f"warm-up (compile, random tokens): {time.perf_counter() - t0:.1f}s")
 
