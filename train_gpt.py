@@ -26,6 +26,7 @@ import linecache
 import math
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -3386,6 +3387,16 @@ def load_config() -> Hyperparameters:
     return h
 
 
+def failure_text(e: Exception, h: Hyperparameters) -> str:
+    """One line for the error; a collective that waited past DIST_TIMEOUT_SECONDS says so in words (gloo's own
+    text varies: 'Timed out waiting ...', 'Application timeout caused pair closure')."""
+    text = f"{type(e).__name__}: " + " ".join(str(e).split())
+    if isinstance(e, RuntimeError) and re.search(r"timed out|timeout", text, re.IGNORECASE):
+        return (f"a collective timed out after DIST_TIMEOUT_SECONDS={h.dist_timeout_seconds:g} s (another rank hung "
+                f"or died: its log says why; raise DIST_TIMEOUT_SECONDS if it is only slow): {text}")
+    return text
+
+
 def main() -> None:
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
         print_knobs()
@@ -3403,7 +3414,7 @@ def main() -> None:
         run(h, runtime, log, run_id)
     except Exception as e:
         where = f"rank {runtime.rank}: " if runtime.world_size > 1 else ""
-        line, first = runtime.comm.first_failure(f"{where}{type(e).__name__}: " + " ".join(str(e).split()))
+        line, first = runtime.comm.first_failure(where + failure_text(e, h))
         if first and not isinstance(e, (ConfigError, DataError, TrainingDiverged, ArtifactBudgetError, ArtifactError)):
             traceback.print_exc()  # a bug, not a known failure: keep its traceback
         print(f"FAILED: {line}", file=sys.stderr, flush=True)

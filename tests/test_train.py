@@ -375,3 +375,14 @@ def test_a_hung_rank_fails_the_job_after_the_timeout(pipeline, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("FAILED: rank 0: ") and "timed out" in lines[0].lower(), done.stderr[-3000:]
     final = next(e for e in _jsonl(root / "logs" / "hang.jsonl") if e["event"] == "final")
     assert final["status"] == "failed" and final["error"] == lines[0].removeprefix("FAILED: ")
+
+
+@pytest.mark.parametrize("gloo_text", ["[../gloo/transport/tcp/pair.cc:534] Timed out waiting 20000ms for recv operation",
+                                       "Application timeout caused pair closure"])
+def test_a_collective_timeout_is_named_whatever_gloo_calls_it(monkeypatch, gloo_text):
+    """Gloo words its timeouts several ways (the second failed CI once): the failure line names the timeout and
+    the knob, and keeps gloo's own text; any other error passes through as 'Type: text'."""
+    h = tiny_hparams(monkeypatch, DIST_TIMEOUT_SECONDS="20")
+    line = tg.failure_text(RuntimeError(gloo_text), h)
+    assert line.startswith("a collective timed out after DIST_TIMEOUT_SECONDS=20 s") and line.endswith(f"RuntimeError: {gloo_text}")
+    assert tg.failure_text(ValueError("bad  shape\n here"), h) == "ValueError: bad shape here"
