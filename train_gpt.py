@@ -44,12 +44,9 @@ from torch import Tensor, nn
 ARTIFACT_LIMIT_BYTES = 16_000_000
 EVAL_LIMIT_SECONDS = 600.0
 
-# ==================================================================================================
-# Config: every knob is an env var, read and validated here, logged at start
-# ==================================================================================================
+# ========== Config: every knob is an env var, read and validated here, logged at start ================================
 class ConfigError(ValueError):
     """A malformed env var; the message names the variable and what is allowed."""
-
 
 @dataclass
 class Knob:
@@ -59,20 +56,17 @@ class Knob:
     help: str
     section: str
 
-
 CONFIG_REGISTRY: dict[str, Knob] = {}
 # Sections whose knobs define the artifact: stored in it; EVAL_ONLY / REQUANTIZE_FROM rebuild the model from them.
 ARTIFACT_SECTIONS = ("model", "quantization")
 _section = "data"
 _fixed: dict[str, object] = {}  # knob values that come from an artifact (see Hyperparameters(fixed=...))
 
-
 def _register(name: str, kind: str, default, help: str) -> str | None:
     """Record the knob in CONFIG_REGISTRY; return its raw env value (None when unset or blank)."""
     CONFIG_REGISTRY[name] = Knob(name, kind, default, help, _section)
     raw = os.environ.get(name)
     return None if raw is None or raw.strip() == "" else raw
-
 
 def _settle(name: str, value, raw: str | None):
     """An artifact's value wins over the default; an env var that disagrees with it is refused."""
@@ -82,7 +76,6 @@ def _settle(name: str, value, raw: str | None):
         raise ConfigError(f"{name}={raw.strip()} conflicts with the artifact's {name}={_fixed[name]}; unset {name} "
                           "(model and quantization knobs come from the artifact)")
     return _fixed[name]
-
 
 def _env_number(name: str, kind: str, default, help: str, min_value=None, max_value=None):
     """Shared parse-and-validate of env_int and env_float (kind "int" or "float")."""
@@ -102,14 +95,11 @@ def _env_number(name: str, kind: str, default, help: str, min_value=None, max_va
         raise ConfigError(f"{name}={value} must be <= {max_value} ({help})")
     return _settle(name, value, raw)
 
-
 def env_int(name: str, default: int, help: str, min_value: int | None = None, max_value: int | None = None) -> int:
     return _env_number(name, "int", default, help, min_value, max_value)
 
-
 def env_float(name: str, default: float, help: str, min_value: float | None = None, max_value: float | None = None) -> float:
     return _env_number(name, "float", default, help, min_value, max_value)
-
 
 def env_bool(name: str, default: bool, help: str) -> bool:
     raw = _register(name, "bool", int(default), help)
@@ -120,14 +110,12 @@ def env_bool(name: str, default: bool, help: str) -> bool:
         raise ConfigError(f"{name}={raw!r} is not a boolean; use 1 or 0 ({help})")
     return _settle(name, value in ("1", "true", "yes", "on"), raw)
 
-
 def env_str(name: str, default: str, help: str, choices: tuple[str, ...] | None = None) -> str:
     raw = _register(name, "str", default, help)
     value = default if raw is None else raw.strip()
     if choices is not None and value not in choices:
         raise ConfigError(f"{name}={value!r} must be one of {', '.join(choices)} ({help})")
     return _settle(name, value, raw)
-
 
 @contextlib.contextmanager
 def config_section(name: str):
@@ -138,7 +126,6 @@ def config_section(name: str):
         yield
     finally:
         _section = previous
-
 
 class Hyperparameters:
     """All knobs, in sections; defaults are the best measured configuration (README "Choices"). `fixed`: knob values
@@ -353,21 +340,16 @@ class Hyperparameters:
         """{ENV_NAME: value} of the knobs in these sections: what an artifact stores about its model."""
         return {k.name: getattr(self, k.name.lower()) for k in CONFIG_REGISTRY.values() if k.section in sections}
 
-
-# ==================================================================================================
-# Distributed setup and logging
-# ==================================================================================================
+# ========== Distributed setup and logging =============================================================================
 class Done:
     """The handle of a collective that had nothing to wait for (no process group)."""
 
     def wait(self) -> bool:
         return True
 
-
 # torch >= 2.13 names the one-tensor collectives *_single; older versions only have the *_tensor names.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
 
 class Comm:
     """Every collective of the script, each one torch.distributed call with NCCL's semantics; gloo runs the same calls on
@@ -417,7 +399,6 @@ class Comm:
             return line, True
         return first, first == line
 
-
 @dataclass
 class Runtime:
     """Where this process runs: rank, world size, device and collectives (through the process group if one exists)."""
@@ -438,7 +419,6 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
-
 def setup_distributed(timeout_seconds: float) -> Runtime:
     """torchrun: a process group (NCCL on CUDA, gloo on CPU) even for one rank, so one GPU takes the 8-GPU code path; plain
     `python`: none. A collective waiting over timeout_seconds fails the job (not NCCL's default 10 minutes)."""
@@ -455,7 +435,6 @@ def setup_distributed(timeout_seconds: float) -> Runtime:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size,
                             timeout=timeout, device_id=device if device.type == "cuda" else None)
     return Runtime(rank, world_size, local_rank, device, Comm(active=True, store=store))
-
 
 class Logger:
     """One log(): console and logs/<run_id>.txt on rank 0, plus a JSON-lines copy of the metrics."""
@@ -482,14 +461,10 @@ class Logger:
             with open(self.jsonl_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(fields) + "\n")
 
-
 def log_nothing(msg: str = "", console: bool = True) -> None:
     """A logger for library use (tests, benchmarks) that prints nothing."""
 
-
-# ==================================================================================================
-# Data: shards, training loader, validation tokens, exact byte accounting
-# ==================================================================================================
+# ========== Data: shards, training loader, validation tokens, exact byte accounting ===================================
 # Shard format (SPEC §2): 256 int32 header ([0]=20240520 magic, [1]=1 version, [2]=n_tokens), n_tokens uint16 ids; little-endian.
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -501,10 +476,8 @@ BYTE_SIDECAR_GLOB = "fineweb_val_bytes_*.bin"  # per validation token: its origi
 CASEOPS_OPERATORS = ("\ue001", "\ue002", "\ue003", "\ue004")  # TITLE, ALLCAPS, CAPNEXT, ESCAPE (data/caseops.py)
 CHALLENGE_VAL_DOCS = 50_000  # documents in the challenge's FineWeb validation split
 
-
 class DataError(RuntimeError):
     """Bad input data; the message names the file and what to do."""
-
 
 def read_shard(path: str, vocab_size: int | None = None) -> np.ndarray:
     """Memory-map one shard after validating its header and size (and ids < vocab_size if given)."""
@@ -528,13 +501,11 @@ def read_shard(path: str, vocab_size: int | None = None) -> np.ndarray:
         _check_token_range(tokens, vocab_size, path)
     return tokens
 
-
 def _check_token_range(tokens: np.ndarray, vocab_size: int, path: str) -> None:
     largest = int(tokens.max()) if len(tokens) else 0
     if largest >= vocab_size:
         raise DataError(f"{path}: token id {largest} >= VOCAB_SIZE={vocab_size}; the shard was made with another "
                         "tokenizer, set VOCAB_SIZE to match or point DATA_DIR at the right dataset")
-
 
 def list_shards(dataset_dir: str, split: str) -> list[str]:
     """Sorted fineweb_{split}_*.bin files of a dataset folder; DataError if there are none."""
@@ -547,7 +518,6 @@ def list_shards(dataset_dir: str, split: str) -> list[str]:
         raise DataError(f"{dataset_dir}: no fineweb_{split}_*.bin shards; {DATA_HELP}")
     return files
 
-
 def load_validation_tokens(dataset_dir: str, vocab_size: int) -> Tensor:
     """All validation tokens, concatenated in file order, as a 1-D int64 CPU tensor."""
     shards = [read_shard(path, vocab_size) for path in list_shards(dataset_dir, "val")]
@@ -555,7 +525,6 @@ def load_validation_tokens(dataset_dir: str, vocab_size: int) -> Tensor:
     if len(tokens) < 2:
         raise DataError(f"{dataset_dir}: validation shards hold {len(tokens)} tokens, need at least 2 to score; {DATA_HELP}")
     return tokens
-
 
 def read_dataset_manifest(dataset_dir: str) -> dict:
     """The manifest.json the data/ scripts write into a dataset folder, or {} when it has none."""
@@ -566,7 +535,6 @@ def read_dataset_manifest(dataset_dir: str) -> dict:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: unreadable manifest ({error}); rebuild the dataset or delete the file") from None
-
 
 def dataset_provenance(h: Hyperparameters, val_tokens: Tensor) -> dict:
     """What the run is scored on (config event, records): manifest.json, validation documents (one BOS each), tokenizer."""
@@ -579,7 +547,6 @@ def dataset_provenance(h: Hyperparameters, val_tokens: Tensor) -> dict:
             "docs": source.get("path"), "docs_sha256": source.get("sha256"), "tokenizer_train_docs": manifest.get("tokenizer_docs"),
             "caseops": bool(manifest.get("caseops")), "tokenizer_sha256": hashlib.sha256(Path(h.tokenizer_file).read_bytes()).hexdigest()}
 
-
 def _check_not_validation(files: list[str]) -> None:
     """Training must never read a validation shard: compare real paths with every val shard beside them."""
     folders = {os.path.dirname(os.path.realpath(f)) for f in files} | {os.path.dirname(os.path.abspath(f)) for f in files}
@@ -587,7 +554,6 @@ def _check_not_validation(files: list[str]) -> None:
     for f in files:
         if os.path.realpath(f) in val_paths or os.path.basename(os.path.realpath(f)).startswith("fineweb_val_"):
             raise DataError(f"{f}: this training file is a validation shard; remove it from the training files")
-
 
 class TrainLoader:
     """Training batches: non-overlapping (seq_len+1)-token windows in a SEED-shuffled global order. Step s consumes
@@ -707,7 +673,6 @@ class TrainLoader:
     def close(self) -> None:
         self._stop_worker()
 
-
 @dataclass
 class ByteTables:
     """Per-token byte counts for bpb (SPEC §2): bytes(t | prev p) = base[t] + (space[t] and not boundary[p])."""
@@ -719,7 +684,6 @@ class ByteTables:
         """Bytes of each target token given the token before it (same shapes), as int32."""
         space = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]
         return self.base_bytes[target_ids].to(torch.int32) + space.to(torch.int32)
-
 
 def load_tokenizer(path: str, vocab_size: int):
     """Load a sentencepiece model; DataError if missing, if its size != vocab_size, or if it lacks '▁'."""
@@ -736,13 +700,11 @@ def load_tokenizer(path: str, vocab_size: int):
     _check_space_piece(sp, path)
     return sp
 
-
 def _check_space_piece(sp, where: str) -> None:
     # The byte rule charges a word's space to its '▁' piece; a space BPE could not merge is the standalone '▁' piece.
     if sp.id_to_piece(sp.piece_to_id("\u2581")) != "\u2581":
         raise DataError(f"{where}: tokenizer has no standalone '\u2581' piece, so bytes cannot be counted exactly; "
                         "use a tokenizer trained by data/prepare_docs.py")
-
 
 def build_byte_tables(sp, vocab_size: int) -> ByteTables:
     """Byte tables of a sentencepiece model (SPEC §2); ids past the model's size are boundaries worth 0 bytes."""
@@ -766,11 +728,9 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
         base_bytes[token_id] = len(piece.encode("utf-8"))
     return ByteTables(torch.from_numpy(base_bytes), torch.from_numpy(has_leading_space), torch.from_numpy(is_boundary))
 
-
 def is_caseops(sp, manifest: dict) -> bool:
     """CaseOps data (FRONTIER §6): the manifest says so, or the tokenizer has the case operator pieces."""
     return bool(manifest.get("caseops")) or any(sp.id_to_piece(sp.piece_to_id(op)) == op for op in CASEOPS_OPERATORS)
-
 
 def validation_target_bytes(dataset_dir: str, val_tokens: Tensor, tables: ByteTables, caseops: bool, log=log_nothing) -> Tensor:
     """Bytes of every target (int32 [len(val_tokens) - 1]; target i is val_tokens[i+1]), the bpb denominator: from the
@@ -794,10 +754,7 @@ def validation_target_bytes(dataset_dir: str, val_tokens: Tensor, tables: ByteTa
         log(f"WARNING: CaseOps validation split of {val_docs} documents, not the challenge's {CHALLENGE_VAL_DOCS:,}: not a comparable score")
     return torch.from_numpy(counts[1:].astype(np.int32))
 
-
-# ==================================================================================================
-# Model
-# ==================================================================================================
+# ========== Model =====================================================================================================
 def select_attention_backend(device: torch.device, unavailable: list[str] | None = None, doc_masked: bool = False) -> str:
     """On CUDA the first that works of FA3 (flash_attn_interface), FA4 (pip install flash-attn-4; activated here as SDPA's
     flash backend) and SDPA with cuDNN; with document masking FlexAttention with a block mask (as fast as cuDNN's causal
@@ -822,7 +779,6 @@ def select_attention_backend(device: torch.device, unavailable: list[str] | None
         unavailable.append(f"fa4: {type(e).__name__}: {e}")
     return "sdpa_cudnn"
 
-
 def document_segments(input_ids: Tensor, span: int | None) -> Tensor:
     """Segment id per position [B,T]: its document (count of BOS so far), with a span also its piece (position - doc start) // span."""
     starts = input_ids == BOS_ID
@@ -832,7 +788,6 @@ def document_segments(input_ids: Tensor, span: int | None) -> Tensor:
     positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
     doc_start = torch.cummax(torch.where(starts, positions, 0), dim=1).values
     return segments * input_ids.size(1) + (positions - doc_start) // span
-
 
 def attention_mask(segments: Tensor, backend: str, block: int = 128):
     """What causal_attention takes to keep each query in its segment: for SDPA the segment ids; for FlexAttention a
@@ -858,7 +813,6 @@ def attention_mask(segments: Tensor, backend: str, block: int = 128):
     def listed(blocks: Tensor) -> tuple[Tensor, Tensor]:  # (counts [B,1,n], indices [B,1,n,n]) with listed blocks first
         return blocks.sum(-1, dtype=torch.int32)[:, None], torch.argsort((~blocks).int(), dim=-1, stable=True).int()[:, None]
     return BlockMask.from_kv_blocks(*listed(live & ~full), *listed(full), BLOCK_SIZE=block, mask_mod=same_segment_causal)
-
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, mask=None) -> Tensor:
     """Causal GQA attention, q [B,T,H,D], k/v [B,T,KV,D] -> [B,T,H,D]; with a mask (attention_mask) within segments."""
@@ -889,18 +843,15 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, mask=None) -
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return y.transpose(1, 2)
 
-
 def rms_norm(x: Tensor) -> Tensor:
     """RMSNorm without learned weights (there are none anywhere in this model)."""
     return F.rms_norm(x, (x.size(-1),))
-
 
 class RMSNorm(nn.Module):
     """RMSNorm as a module, so that GPTQ calibration can hook its output (the tied head's input)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x)
-
 
 @dataclass(frozen=True)
 class Role:
@@ -919,10 +870,8 @@ class Role:
                 or self.hessian not in ("", "input", "head") or (self.quant in GPTQ_GROUPS) != bool(self.hessian):
             raise ValueError(f"invalid {self}: a GPTQ group (attn/mlp/embed) needs a Hessian source and nothing else has one")
 
-
 GPTQ_GROUPS = ("attn", "mlp", "embed")  # quant groups that GPTQ quantizes, each with its own bits and clip sigmas
 SCALAR = Role("scalar", "fp16")  # gains, mixes, scales: AdamW, stored in fp16
-
 
 def declare(module: nn.Module, name: str, value: Tensor, role: Role) -> nn.Parameter:
     """Register `value` as parameter `name` of `module` with its role (module.roles, unlike Parameter attributes, survives deepcopy)."""
@@ -930,7 +879,6 @@ def declare(module: nn.Module, name: str, value: Tensor, role: Role) -> nn.Param
     module.register_parameter(name, param)
     module.__dict__.setdefault("roles", {})[name] = role
     return param
-
 
 class CastedLinear(nn.Linear):
     """fp32 master weights computed in the activations' dtype; a block matrix by default (Muon, GPTQ group `quant`, input Hessian)."""
@@ -943,13 +891,11 @@ class CastedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.to(x.dtype))
 
-
 def rotary_tables(seq_len: int, rope_dims: int, base: float) -> tuple[Tensor, Tensor]:
     """cos/sin [seq_len, rope_dims/2] for the rotary part of each head."""
     inv_freq = 1.0 / (base ** (torch.arange(0, rope_dims, 2, dtype=torch.float64) / rope_dims))
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
-
 
 def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the first rope_dims dims of each head (x [B,T,H,D]); the other dims carry no position."""
@@ -961,7 +907,6 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2, rest = x[..., : rope_dims // 2], x[..., rope_dims // 2 : rope_dims], x[..., rope_dims:]
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
-
 def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     """XSA: y -= (y . v_hat) v_hat per head, v_hat the normalised value of the head's KV group at the same position."""
     B, T, H, D = y.shape
@@ -970,7 +915,6 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     v_hat = (v * torch.rsqrt(v.square().sum(dim=-1, keepdim=True) + 1e-12)).unsqueeze(3)
     y = y - (y * v_hat).sum(dim=-1, keepdim=True) * v_hat
     return y.view(B, T, H, D)
-
 
 class Attention(nn.Module):
     def __init__(self, h: Hyperparameters, use_xsa: bool, backend: str) -> None:
@@ -1003,7 +947,6 @@ class Attention(nn.Module):
         out = self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
         return out if lora is None else lora.add("o", x, out)  # O: a bypass from x, not a term of y
 
-
 class MLP(nn.Module):
     def __init__(self, h: Hyperparameters) -> None:
         super().__init__()
@@ -1018,7 +961,6 @@ class MLP(nn.Module):
         else:
             y = self.down(F.leaky_relu(self.up(x), negative_slope=0.5).square())
         return y if lora is None else lora.add("mlp", x, y)  # a bypass outside the fused kernel
-
 
 class Block(nn.Module):
     """One physical layer. `mode` is how its two branches meet the residual stream:
@@ -1075,12 +1017,10 @@ class Block(nn.Module):
         r, wa, wm = (p.to(x.dtype) for p in (self.lane_resid, self.lane_attn, self.lane_mlp))
         return r[0] * x + wa[0] * a + wm[0] * m, r[1] * lane1 + wa[1] * a + wm[1] * m
 
-
 def softcap(z: Tensor, cap_pos: Tensor, cap_neg: Tensor) -> Tensor:
     """Logit softcap in fp32 (or fp64): c+ * tanh(z/c+) for z > 0, c- * tanh(z/c-) otherwise."""
     z = z if z.dtype == torch.float64 else z.float()
     return torch.where(z > 0, cap_pos * torch.tanh(z / cap_pos), cap_neg * torch.tanh(z / cap_neg))
-
 
 def softcap_cross_entropy(z: Tensor, target_ids: Tensor, cap_pos: Tensor, cap_neg: Tensor,
                           hint_ids: Tensor | None = None, fused: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -1095,7 +1035,6 @@ def softcap_cross_entropy(z: Tensor, target_ids: Tensor, cap_pos: Tensor, cap_ne
     nll = lse - zc.gather(1, target_ids[:, None]).squeeze(1)
     hint_nll = None if hint_ids is None else (lse - zc.gather(1, hint_ids[:, None]).squeeze(1)).detach()
     return nll, hint_nll
-
 
 # --------------------------------------------------------------------------------------------------
 # Kernels (Triton): fused LeakyReLU(0.5)^2 MLP and fused softcapped cross-entropy. Each replaces a plain PyTorch
@@ -1112,14 +1051,11 @@ def triton_available() -> bool:
     except (importlib.metadata.PackageNotFoundError, ValueError):
         return False
 
-
 def fused_kernels_enabled(h: Hyperparameters) -> bool:
     return h.fused_kernels == "auto" and triton_available()
 
-
 def triton_runs_on(x: Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
 
 def kernel_path(h: Hyperparameters, device: torch.device) -> str:
     """The path the MLP and the cross-entropy take on this device, for the log."""
@@ -1128,7 +1064,6 @@ def kernel_path(h: Hyperparameters, device: torch.device) -> str:
     if not triton_available():
         return "torch (no triton >= 3.4: pip install triton)"
     return "triton" if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch (no CUDA)"
-
 
 @functools.cache
 def triton_kernels():
@@ -1246,18 +1181,15 @@ def triton_kernels():
 
     return dict(mlp=mlp, mlp_matmul=mlp_matmul, ce_forward=ce_forward, ce_backward=ce_backward)
 
-
 @torch.library.custom_op("pgolf::mlp_up", mutates_args=(), device_types=None)
 def mlp_up(x: Tensor, w_up: Tensor, write_pre: bool) -> tuple[Tensor, Tensor]:
     """(post, pre) = (leaky_relu(x @ w_up^T, 0.5)^2, x @ w_up^T); pre is empty unless write_pre."""
     post, pre, _ = triton_kernels()["mlp"](x, w_up, None, write_pre)
     return post, pre
 
-
 @mlp_up.register_fake
 def _(x, w_up, write_pre):
     return x.new_empty(x.size(0), w_up.size(0)), x.new_empty((x.size(0), w_up.size(0)) if write_pre else (0,))
-
 
 @torch.library.custom_op("pgolf::mlp_act_grad", mutates_args=(), device_types=None)
 def mlp_act_grad(dy: Tensor, w_down: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
@@ -1265,11 +1197,9 @@ def mlp_act_grad(dy: Tensor, w_down: Tensor, pre: Tensor) -> tuple[Tensor, Tenso
     post, _, dpre = triton_kernels()["mlp"](dy, w_down.t(), pre, False)
     return dpre, post
 
-
 @mlp_act_grad.register_fake
 def _(dy, w_down, pre):
     return torch.empty_like(pre), torch.empty_like(pre)
-
 
 class FusedLeakyReLUSquareMLP(torch.autograd.Function):
     """y = down(leaky_relu(x @ up^T, 0.5)^2), activation in the matmul epilogues; keeps only pre, recomputes post in backward."""
@@ -1287,7 +1217,6 @@ class FusedLeakyReLUSquareMLP(torch.autograd.Function):
         _, up, down = ctx.needs_input_grad  # frozen weights (LoRA TTT): the input's gradient alone
         return dpre @ w_up, dpre.t() @ x if up else None, dy.t() @ post if down else None
 
-
 def fused_leaky_relu_square_mlp(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
     """MLP.forward's expression through the Triton kernels; x [..., d], weights in x's dtype."""
     flat = x.reshape(-1, x.size(-1))
@@ -1296,7 +1225,6 @@ def fused_leaky_relu_square_mlp(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tens
     else:  # no backward to come: pre is not written
         y = F.linear(torch.ops.pgolf.mlp_up(flat, w_up, False)[0], w_down)
     return y.view(*x.shape[:-1], w_down.size(0))
-
 
 @torch.library.custom_op("pgolf::softcap_ce", mutates_args=(), device_types=None)
 def softcap_ce(z: Tensor, target_ids: Tensor, cap_pos: Tensor, cap_neg: Tensor,
@@ -1309,13 +1237,11 @@ def softcap_ce(z: Tensor, target_ids: Tensor, cap_pos: Tensor, cap_neg: Tensor,
                                          nll, lse, hint_nll, V, z.stride(0), HAS_HINT=hint_ids is not None)
     return nll, lse, hint_nll
 
-
 @softcap_ce.register_fake
 def _(z, target_ids, cap_pos, cap_neg, hint_ids):
     N = z.size(0)
     return (z.new_empty(N, dtype=torch.float32), z.new_empty(N, dtype=torch.float32),
             z.new_empty(N if hint_ids is not None else 0, dtype=torch.float32))
-
 
 @torch.library.custom_op("pgolf::softcap_ce_backward", mutates_args=(), device_types=None)
 def softcap_ce_backward(z: Tensor, target_ids: Tensor, cap_pos: Tensor, cap_neg: Tensor, lse: Tensor,
@@ -1327,26 +1253,21 @@ def softcap_ce_backward(z: Tensor, target_ids: Tensor, cap_pos: Tensor, cap_neg:
                                           dz, dcaps, N, V, z.stride(0))
     return dz, dcaps.sum(dim=1)
 
-
 @softcap_ce_backward.register_fake
 def _(z, target_ids, cap_pos, cap_neg, lse, grad_nll):
     return torch.empty_like(z), z.new_empty(2, dtype=torch.float32)
 
-
 def _softcap_ce_setup(ctx, inputs, output) -> None:
     z, target_ids, cap_pos, cap_neg, _ = inputs
     ctx.save_for_backward(z, target_ids, cap_pos, cap_neg, output[1])
-
 
 def _softcap_ce_grad(ctx, grad_nll, grad_lse, grad_hint):
     z, target_ids, cap_pos, cap_neg, lse = ctx.saved_tensors
     dz, dcaps = torch.ops.pgolf.softcap_ce_backward(z, target_ids, cap_pos, cap_neg, lse, grad_nll)
     return dz, None, dcaps[0].to(cap_pos.dtype).view_as(cap_pos), dcaps[1].to(cap_neg.dtype).view_as(cap_neg), None
 
-
 softcap_ce.register_autograd(_softcap_ce_grad, setup_context=_softcap_ce_setup)
 # ------------------------------------------------------------------------------------ end of Kernels
-
 
 class SoftcapHead(nn.Module):
     """Tied output head and loss: logits = softcap(h @ E^T) in fp32 (matmul in the activations' dtype), cross-entropy if
@@ -1371,7 +1292,6 @@ class SoftcapHead(nn.Module):
             return nll.view_as(target_ids) if hint_ids is None else (nll.view_as(target_ids), hint_nll.view_as(hint_ids))
         return nll.sum() if reduction == "sum" else nll.mean()
 
-
 @contextlib.contextmanager
 def looping_enabled(model: nn.Module):
     """Evaluation, GPTQ calibration and TTT always run with depth recurrence; the previous flag is restored afterwards."""
@@ -1381,7 +1301,6 @@ def looping_enabled(model: nn.Module):
     finally:
         model.looping = previous
 
-
 def loop_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: int, looping: bool) -> list[int]:
     """Virtual layer order: with looping, loop_start..loop_end run num_loops+1 times, e.g. 0,1,2,3,4,5,3,4,5,3,4,5,6,...,10."""
     order = list(range(num_layers))
@@ -1389,7 +1308,6 @@ def loop_schedule(num_layers: int, loop_start: int, loop_end: int, num_loops: in
         return order
     span = order[loop_start : loop_end + 1]
     return order[:loop_start] + span * (num_loops + 1) + order[loop_end + 1 :]
-
 
 class GPT(nn.Module):
     """The model; forward() is the one forward path of training, evaluation, GPTQ calibration and TTT; `looping` switches recurrence."""
@@ -1495,10 +1413,7 @@ class GPT(nn.Module):
         params = dict(self.named_parameters())
         return [params[name] for name, role in self.parameter_roles().items() if role.optimizer == optimizer]
 
-
-# ==================================================================================================
-# Optimizers: row-normalised Muon (distributed over banks of same-shape matrices) + AdamW
-# ==================================================================================================
+# ========== Optimizers: row-normalised Muon (distributed over banks of same-shape matrices) + AdamW ===================
 NS_CLASSIC = (3.4445, -4.7750, 2.0315)  # classic quintic Newton-Schulz coefficients (a, b, c), the same for every iteration
 NS_POLAR_EXPRESS = (  # "Polar Express" (Amsel et al., 2025): per-iteration coefficients that converge faster
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -1507,7 +1422,6 @@ NS_POLAR_EXPRESS = (  # "Polar Express" (Amsel et al., 2025): per-iteration coef
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
-
 
 def newton_schulz(g: Tensor, steps: int, polar_express: bool) -> Tensor:
     """Approximate orthogonalisation of a batch of matrices g [n, rows, cols]:
@@ -1526,7 +1440,6 @@ def newton_schulz(g: Tensor, steps: int, polar_express: bool) -> Tensor:
         x = x.mT
     return x.to(g.dtype)
 
-
 class MuonBank:
     """Same-shape matrices trained together. Gradients are stacked into one [n_pad, rows, cols] tensor (n_pad = n rounded
     up to the world size); each rank owns n_pad/world of them (momentum, orthogonalisation); updates are all-gathered."""
@@ -1544,7 +1457,6 @@ class MuonBank:
             if p.grad is not None:
                 g[i].copy_(p.grad)
         return g
-
 
 class Optimizers:
     """One step of the whole optimizer: gradient averaging across ranks (no DDP), global norm clip, row-normalised Muon
@@ -1627,14 +1539,10 @@ class Optimizers:
         for bank, buf in zip(self.banks, state["muon"]):
             bank.momentum.copy_(buf)
 
-
-# ==================================================================================================
-# Schedule and weight averaging
-# ==================================================================================================
+# ========== Schedule and weight averaging =============================================================================
 def training_progress(step: int, elapsed: float, budget: float, iterations: int) -> float:
     """Fraction of training done (drives warmdown, looping, SWA): of the time budget, or of ITERATIONS when budget = inf."""
     return elapsed / budget if math.isfinite(budget) else step / iterations
-
 
 def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
     """1 until frac reaches 1 - warmdown_frac, then linear down to min_lr at frac = 1."""
@@ -1643,7 +1551,6 @@ def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
     remaining = max(0.0, 1.0 - frac) / warmdown_frac
     return min_lr + (1.0 - min_lr) * remaining
 
-
 def muon_momentum_at(step: int, h: Hyperparameters) -> float:
     """Linear ramp from MUON_MOMENTUM_WARMUP_START to MUON_MOMENTUM over MUON_MOMENTUM_WARMUP_STEPS."""
     if h.muon_momentum_warmup_steps <= 0:
@@ -1651,11 +1558,9 @@ def muon_momentum_at(step: int, h: Hyperparameters) -> float:
     t = min(1.0, step / h.muon_momentum_warmup_steps)
     return h.muon_momentum_warmup_start + t * (h.muon_momentum - h.muon_momentum_warmup_start)
 
-
 def ema_decay_at(step: int, cap: float) -> float:
     """EMA decay min(cap, (1+step)/(10+step)): the ramp keeps a short run's average off the initialisation."""
     return min(cap, (1.0 + step) / (10.0 + step))
-
 
 class WeightAverager:
     """fp32 average of all parameters: EMA every step, SWA (mean of snapshots every SWA_EVERY warmdown steps) or none."""
@@ -1686,10 +1591,7 @@ class WeightAverager:
         for p, avg in zip(model.parameters(), self.average):
             p.copy_(avg.to(p.dtype))
 
-
-# ==================================================================================================
-# Quantization and packing: GPTQ int6/int8 with SDClip, byte shuffle, compression, shipped code
-# ==================================================================================================
+# ========== Quantization and packing: GPTQ int6/int8 with SDClip, byte shuffle, compression, shipped code =============
 # Pipeline: collect_hessians -> quantize_and_pack (GPTQ + SDClip, budget search, serialise, byte shuffle, compress)
 # -> load_artifact (exact inverse). Layout before compression: uint32 header length | JSON header (names, kinds,
 # shapes) | int8 values of every quantized tensor, in header order | byte-shuffled fp16 section (row scales, then
@@ -1720,10 +1622,8 @@ else:
 sys.stdout.buffer.write(out)
 """
 
-
 class ArtifactBudgetError(RuntimeError):
     """The model cannot fit the artifact budget even at the coarsest quantization searched."""
-
 
 def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, Tensor]:
     """H = sum X^T X (fp32) of each GPTQ'd parameter's Hessian source (Role.hessian: its linear's input, or for the tied
@@ -1758,7 +1658,6 @@ def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, T
         hessians[name] = part.view_as(hessians[name])
     return hessians
 
-
 @dataclass
 class GPTQPlan:
     """Scale-independent GPTQ work of matrices sharing one Hessian (q/k/v share their input), rows stacked."""
@@ -1770,7 +1669,6 @@ class GPTQPlan:
     bits: int
     clip_sigmas: float
     awq: dict[str, list[list[int]]] = field(default_factory=dict)  # AWQ-lite: name -> protected [start, end) columns
-
 
 def plan_gptq(weight: Tensor, hessian: Tensor, damp: float) -> tuple[Tensor, Tensor, Tensor]:
     """(weight with dead columns zeroed, act-order permutation, upper Cholesky of the damped H^-1)."""
@@ -1793,18 +1691,15 @@ def plan_gptq(weight: Tensor, hessian: Tensor, damp: float) -> tuple[Tensor, Ten
     hinv_upper = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
     return weight, perm, hinv_upper
 
-
 def sdclip_scales(weight: Tensor, bits: int, clip_sigmas: float) -> Tensor:
     """Row scale = k*std(row)/(2^(bits-1)-1), fp16-rounded as stored; >= 2^-24 so that all-zero rows quantize to 0."""
     scale = clip_sigmas * weight.float().std(dim=1) / (2 ** (bits - 1) - 1)
     return scale.clamp_min(2.0 ** -24).half().float()
 
-
 def quantize_rtn(weight: Tensor, scale: Tensor, bits: int) -> Tensor:
     """Round to nearest: q = clamp(round(w/scale), -qmax, qmax)."""
     qmax = 2 ** (bits - 1) - 1
     return torch.clamp(torch.round(weight / scale[:, None]), -qmax, qmax)
-
 
 def gptq_quantize(weight: Tensor, perm: Tensor, hinv_upper: Tensor, scale: Tensor, bits: int,
                   block_size: int, fine: Tensor | None = None) -> Tensor:
@@ -1831,12 +1726,10 @@ def gptq_quantize(weight: Tensor, perm: Tensor, hinv_upper: Tensor, scale: Tenso
         w[:, end:] -= errors @ hinv_upper[start:end, end:]
     return q[:, torch.argsort(perm)].to(torch.int8)
 
-
 def gptq_settings(quant: str, h: Hyperparameters) -> tuple[int, float]:
     """(bits, clip sigmas) of a GPTQ quant group (Role.quant in GPTQ_GROUPS)."""
     return {"attn": (h.matrix_bits, h.attn_clip_sigmas), "mlp": (h.matrix_bits, h.mlp_clip_sigmas),
             "embed": (h.embed_bits, h.embed_clip_sigmas)}[quant]
-
 
 def plan_quantization(state: dict[str, Tensor], roles: dict[str, Role], hessians: dict[str, Tensor],
                       h: Hyperparameters, device: torch.device) -> list[GPTQPlan]:
@@ -1869,13 +1762,11 @@ def plan_quantization(state: dict[str, Tensor], roles: dict[str, Role], hessians
         plans[i].awq.setdefault(name, []).append([start, start + size])
     return plans
 
-
 def quantize_absmax_rows(weight: Tensor, top: float = 127, low: int = -127, high: int = 127) -> dict:
     """Ints per row, scale max|row|/top, codes clamp(round(w/scale), low, high): int8 gates (too small for SDClip), LQER factors."""
     scale = (weight.float().abs().amax(dim=1) / top).clamp_min(2.0 ** -24).half()
     return {"q": torch.clamp(torch.round(weight.float() / scale.float()[:, None]), low, high).to(torch.int8).cpu(),
             "scale": scale.cpu()}
-
 
 def plan_scales(plan: GPTQPlan, clip_scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(row scales, 8-bit row scales, fine steps [rows, cols]) of a plan: SDClip per row at clip sigmas x the searched
@@ -1886,7 +1777,6 @@ def plan_scales(plan: GPTQPlan, clip_scale: float) -> tuple[Tensor, Tensor, Tens
         for start, end in plan.awq.get(name, []):
             part[:, start:end] = s_part[:, None]  # split() gives views: this writes into fine
     return scale, fine_scale, fine
-
 
 def quantize_state(state: dict[str, Tensor], roles: dict[str, Role], plans: list[GPTQPlan], clip_scale: float,
                    block_size: int) -> dict[str, dict]:
@@ -1907,7 +1797,6 @@ def quantize_state(state: dict[str, Tensor], roles: dict[str, Role], plans: list
             quantized[name] = {"fp16": tensor.detach().half().cpu()}
     return {name: quantized[name] for name in state}
 
-
 def lqer_correct(quantized: dict[str, dict], plans: list[GPTQPlan], h: Hyperparameters) -> list[str]:
     """LQER, asymmetric: the LQER_TOP_K GPTQ'd tensors of largest ||E||_F, E = W - Q (Q AWQ-aware), get E ~ A B,
     a rank-r SVD: A = U_r S_r as INT2 (one scale max|A|/1.5, codes -2..1, 4 per byte at bits 2i as code + 2:
@@ -1926,7 +1815,6 @@ def lqer_correct(quantized: dict[str, dict], plans: list[GPTQPlan], h: Hyperpara
         quantized[f"{name}.lqer_b"] = quantize_absmax_rows(b.reshape(-1, group), 7.5, -8, 7)
     return chosen
 
-
 def dequantize_entry(entry: dict) -> Tensor:
     """fp32 of one entry: q * scale per row (AWQ-lite's columns at their own per-row scale); fp16 as is."""
     if "q" not in entry:
@@ -1935,7 +1823,6 @@ def dequantize_entry(entry: dict) -> Tensor:
     for start, end in entry.get("awq", []):
         scale[:, start:end] = entry["awq_scale"].float()[:, None]
     return entry["q"].float() * scale
-
 
 def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
     """Every entry through dequantize_entry; LQER's factor entries are folded in: W = Q + A B."""
@@ -1948,17 +1835,14 @@ def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
         state[parent] = state[parent] + a.view(-1, b.size(0)) @ b
     return state
 
-
 def byte_shuffle(array: np.ndarray) -> bytes:
     """Regroup bytes by position in their element (all low bytes, then high bytes...): smooth and noisy bytes compress apart."""
     return np.ascontiguousarray(array.reshape(-1).view(np.uint8).reshape(-1, array.itemsize).T).tobytes()
-
 
 def byte_unshuffle(data: bytes, dtype) -> np.ndarray:
     itemsize = np.dtype(dtype).itemsize
     planes = np.frombuffer(data, dtype=np.uint8).reshape(itemsize, -1)
     return np.ascontiguousarray(planes.T).reshape(-1).view(dtype)
-
 
 def serialize(quantized: dict[str, dict]) -> bytes:
     """Raw layout (section comment): smaller than torch.save (pickle, zip headers, 64-byte alignment per tensor)."""
@@ -1975,7 +1859,6 @@ def serialize(quantized: dict[str, dict]) -> bytes:
     fp16 = np.concatenate(fp16_scales + fp16_values) if fp16_scales or fp16_values else np.zeros(0, np.float16)
     int8 = np.concatenate(int8_parts) if int8_parts else np.zeros(0, np.int8)
     return len(header_bytes).to_bytes(4, "little") + header_bytes + int8.tobytes() + byte_shuffle(fp16)
-
 
 def deserialize(data: bytes) -> dict[str, dict]:
     header_len = int.from_bytes(data[:4], "little")
@@ -2000,7 +1883,6 @@ def deserialize(data: bytes) -> dict[str, dict]:
             f16 += n
     return {name: quantized[name] for name, *_ in header}
 
-
 def require_compressor(name: str):
     """Import a compressor's module lazily; a missing optional package is a one-line error."""
     if name not in COMPRESSOR_TAGS:
@@ -2010,7 +1892,6 @@ def require_compressor(name: str):
         return __import__(module)
     except ImportError:
         raise RuntimeError(f"COMPRESSOR={name} needs the '{module}' package: pip install {module}") from None
-
 
 def compress(data: bytes, compressor: str) -> bytes:
     """Fixed-size chunks (output independent of the machine) compressed in parallel child processes, one per core."""
@@ -2032,7 +1913,6 @@ def compress(data: bytes, compressor: str) -> bytes:
     sizes = b"".join(len(p).to_bytes(4, "little") for p in packed)
     return COMPRESSOR_TAGS[compressor] + len(packed).to_bytes(4, "little") + sizes + b"".join(packed)
 
-
 def decompress(blob: bytes) -> bytes:
     compressor = next((name for name, tag in COMPRESSOR_TAGS.items() if blob[:1] == tag), None)
     if compressor is None:
@@ -2049,7 +1929,6 @@ def decompress(blob: bytes) -> bytes:
         offset += size
     return b"".join(parts)
 
-
 # rANS coder for the quantized ints (COMPRESSOR=rans; numpy only): the columns (or rows) of each int tensor are clustered
 # into k classes of similar value distributions (k = 1 when classes do not pay for their labels), each with a symbol
 # table; all ints go through one interleaved rANS stream at ~the entropy under those tables, the rest through lzma.
@@ -2059,7 +1938,6 @@ RANS_CLASSES = (1, 2, 4, 8)          # class counts tried per tensor and axis
 # Table counts as uint8 codes (0 = absent, else 1 + index of the level <= count): exact below 16, else a 3-bit mantissa (~0.03% more bits).
 COUNT_LEVELS = np.array(sorted(set(range(1, 16)) | {m << e for m in range(8, 16) for e in range(1, 26)}))
 
-
 def code_frequencies(codes: np.ndarray) -> np.ndarray:
     """rANS frequencies [tables, symbols] summing to 2^16, >= 1 per symbol present; integers only (any machine agrees)."""
     v = np.where(codes > 0, COUNT_LEVELS[np.maximum(codes.astype(np.int64) - 1, 0)], 0)
@@ -2067,7 +1945,6 @@ def code_frequencies(codes: np.ndarray) -> np.ndarray:
     f = np.where(v > 0, np.maximum(v * 65536 // v.sum(1, keepdims=True), 1), 0)
     f[np.arange(len(f)), v.argmax(1)] += 65536 - f.sum(1)
     return f
-
 
 def fit_classes(sym: np.ndarray, alphabet: int) -> tuple[int, np.ndarray, np.ndarray]:
     """(axis, labels, table codes) of the cheapest class model of an int tensor [R, C] of symbols
@@ -2092,7 +1969,6 @@ def fit_classes(sym: np.ndarray, alphabet: int) -> tuple[int, np.ndarray, np.nda
                 best = (bits, axis, labels, codes)
     return best[1:]
 
-
 def rans_encode(freq: np.ndarray, start: np.ndarray) -> bytes:
     """Interleaved rANS (Duda 2013) over [steps, lanes]: uint64 state x in [2^32, 2^64); a symbol of
     frequency f/2^16 starting at c maps x -> (x // f) * 2^16 + x % f + c, after emitting x's low 32 bits
@@ -2106,7 +1982,6 @@ def rans_encode(freq: np.ndarray, start: np.ndarray) -> bytes:
         quotient, remainder = np.divmod(x, f)
         x = (quotient << 16) + remainder + c
     return x.astype("<u8").tobytes() + np.concatenate(words[::-1]).astype("<u4").tobytes()
-
 
 def rans_decode(data: bytes, tables: np.ndarray, freq: np.ndarray, start: np.ndarray) -> np.ndarray:
     """Inverse of rans_encode: symbols [steps, lanes] given their tables [steps, lanes]; freq and start [tables, 256]."""
@@ -2124,7 +1999,6 @@ def rans_decode(data: bytes, tables: np.ndarray, freq: np.ndarray, start: np.nda
         at += n
     return (out & 255).astype(np.int16)
 
-
 def rans_tables(models: list, shapes: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(table of every int [steps, lanes], freq [tables, 256], start); a last table of one certain symbol pads the last step."""
     codes = np.zeros((sum(len(m[2]) for m in models) + 1, 256), np.uint8)
@@ -2137,7 +2011,6 @@ def rans_tables(models: list, shapes: list) -> tuple[np.ndarray, np.ndarray, np.
     lanes = min(RANS_LANES, max(1, len(ids) >> 14))  # >= 2^14 ints per lane: the flush costs < 0.004 bit/int
     freq = code_frequencies(codes).astype(np.uint32)
     return np.concatenate([ids, np.full(-len(ids) % lanes, base, np.int32)]).reshape(-1, lanes), freq, np.cumsum(freq, 1) - freq
-
 
 def rans_compress(data: bytes) -> bytes:
     """COMPRESSOR=rans on a serialize() payload. Side bytes per int tensor: axis, k, -lowest value (the
@@ -2161,7 +2034,6 @@ def rans_compress(data: bytes) -> bytes:
     j.reshape(-1)[: begin - header_end] += np.concatenate(symbols)
     side = lzma.compress(len(rest).to_bytes(4, "little") + rest + bytes(meta), preset=9 | lzma.PRESET_EXTREME)
     return b"R" + len(side).to_bytes(4, "little") + side + rans_encode(freq.ravel()[j], start.ravel()[j])
-
 
 def rans_decompress(blob: bytes) -> bytes:
     """Inverse of rans_compress: the exact serialize() payload."""
@@ -2187,13 +2059,11 @@ def rans_decompress(blob: bytes) -> bytes:
     ints = rans_decode(blob[side_end:], ids, freq, start).ravel()[: sum(sizes)] + np.repeat(np.array(lows, np.int16), sizes)
     return rest[:header_end] + ints.astype(np.int8).tobytes() + rest[header_end:]
 
-
 def int_entropy_bytes(q: Tensor) -> float:
     """n*H/8 bytes (H: order-0 entropy of the ints), the budget search's size model; brotli-11 lands a stable ~1% above it."""
     counts = torch.bincount(q.reshape(-1).to(torch.int64) + 128, minlength=256).double()
     p = counts[counts > 0] / q.numel()
     return float(-(p * p.log2()).sum()) * q.numel() / 8
-
 
 def rtn_entropy_bytes(plans: list[GPTQPlan], clip_scale: float) -> float:
     """Entropy bytes of every tensor rounded to nearest at this clip scale (per tensor: the coder adapts to each)."""
@@ -2205,7 +2075,6 @@ def rtn_entropy_bytes(plans: list[GPTQPlan], clip_scale: float) -> float:
         total += sum(int_entropy_bytes(part) for part in q.split(plan.row_counts))
     return total
 
-
 def byte_groups(quantized: dict[str, dict], roles: dict[str, Role]) -> dict[str, dict]:
     """Values and order-0 entropy bytes of their ints per quant group (fp16 at 2 bytes/value): where the bytes go."""
     groups: dict[str, dict] = {}
@@ -2216,7 +2085,6 @@ def byte_groups(quantized: dict[str, dict], roles: dict[str, Role]) -> dict[str,
         group["entropy_bytes"] += int_entropy_bytes(values) if "q" in entry else 2.0 * values.numel()
     return groups
 
-
 def search_clip_scale(predict, target: float) -> float:
     """Bisect log(clip scale) for predict(scale) = target (a wider step: fewer levels, lower entropy); the upper bound if none fits."""
     low, high = (math.log(x) for x in CLIP_SCALE_RANGE)
@@ -2226,7 +2094,6 @@ def search_clip_scale(predict, target: float) -> float:
         mid = 0.5 * (low + high)
         low, high = (mid, high) if predict(math.exp(mid)) > target else (low, mid)
     return math.exp(high)
-
 
 def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperparameters, reserved_bytes: int,
                       log=log_nothing) -> tuple[bytes, dict]:
@@ -2295,7 +2162,6 @@ def quantize_and_pack(model: nn.Module, hessians: dict[str, Tensor], h: Hyperpar
                                      f"bits/value {g['entropy_bytes']:.0f} entropy bytes" for role, g in report["groups"].items()))
     return blob, report
 
-
 def load_artifact(blob: bytes, model: nn.Module) -> None:
     """Decompress, unshuffle and dequantize an artifact's weights into `model` (in place; every key required)."""
     state = dequantize_state(deserialize(decompress(blob)))
@@ -2307,21 +2173,17 @@ def load_artifact(blob: bytes, model: nn.Module) -> None:
                             f"{unexpected[:3]}, other shapes {wrong[:3]}); it was written by another version of train_gpt.py")
     model.load_state_dict({name: t.to(reference[name].dtype) for name, t in state.items()}, strict=True)
 
-
 # An artifact file: magic | uint32 length | zlib(JSON of the model and quantization knobs) | weights blob. The config lets
 # EVAL_ONLY rebuild the model with no other env var; its few hundred bytes count toward the 16,000,000 like the rest.
 ARTIFACT_MAGIC = b"PGA1"
 
-
 class ArtifactError(RuntimeError):
     """An unreadable or mismatched artifact / saved weights file; the message names the file."""
-
 
 def pack_artifact(config: dict, blob: bytes) -> bytes:
     import zlib
     header = zlib.compress(json.dumps(config, sort_keys=True).encode(), 9)
     return ARTIFACT_MAGIC + len(header).to_bytes(4, "little") + header + blob
-
 
 def read_artifact(path: str) -> tuple[dict, bytes]:
     """(config, weights blob) of an artifact file; ArtifactError naming the file for anything else."""
@@ -2339,7 +2201,6 @@ def read_artifact(path: str) -> tuple[dict, bytes]:
         raise ArtifactError(f"{path}: the artifact's config header is corrupt; the file is truncated or damaged") from None
     return config, data[8 + length :]
 
-
 def read_saved_weights(path: str) -> tuple[dict, dict]:
     """(model config, state dict) of a final_model.<RUN_ID>.pt (the averaged, unquantized weights)."""
     if not os.path.isfile(path):
@@ -2351,15 +2212,12 @@ def read_saved_weights(path: str) -> tuple[dict, dict]:
         raise ArtifactError(f"{path}: not a final_model.<RUN_ID>.pt of train_gpt.py ({type(error).__name__}); "
                             "REQUANTIZE_FROM takes the .pt saved next to an artifact") from None
 
-
 # The shipped copy runs `exec(SHIPPED_SOURCE)` in its module namespace: __name__ and __file__ are the launcher's, as here.
 SHIPPED_STUB = '# coding: latin-1\nimport lzma as L\nSHIPPED_SOURCE=L.decompress("{payload}".encode("latin-1")).decode()\nexec(SHIPPED_SOURCE)\n'
-
 
 def read_script_source() -> str:
     """This script's source: the readable file, or the minified source when running the shipped copy."""
     return globals().get("SHIPPED_SOURCE") or Path(__file__).read_text(encoding="utf-8")
-
 
 def minify_source(source: str) -> str:
     """Docstrings dropped, code re-printed by ast.unparse (no comments, canonical spacing); idempotent."""
@@ -2372,12 +2230,10 @@ def minify_source(source: str) -> str:
                 node.body = body[1:] or [ast.Pass()]
     return ast.unparse(tree) + "\n"
 
-
 def latin1_literal(data: bytes) -> str:
     """Bytes as the inside of a "..." latin-1 literal: 1 char per byte but NUL, newlines, quote, backslash (~3% vs base85's 25%)."""
     escapes = {0: "\\x00", 10: "\\n", 13: "\\r", 34: '\\"', 92: "\\\\"}
     return "".join(escapes.get(b, chr(b)) for b in data)
-
 
 def build_submission_code(source: str) -> bytes:
     """The shipped copy: minified, lzma'd (stdlib; FORMAT_ALONE has the smallest header), in a self-extracting exec stub."""
@@ -2385,10 +2241,7 @@ def build_submission_code(source: str) -> bytes:
     packed = lzma.compress(minify_source(source).encode("utf-8"), format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME)
     return SHIPPED_STUB.replace("{payload}", latin1_literal(packed)).encode("latin-1")
 
-
-# ==================================================================================================
-# Evaluation and test-time training
-# ==================================================================================================
+# ========== Evaluation and test-time training =========================================================================
 @dataclass
 class EvalResult:
     stage: str
@@ -2400,19 +2253,16 @@ class EvalResult:
     untilted: EvalResult | None = None  # with the n-gram tilt on: the same scores untilted (the A/B)
     gated: int = 0                      # scored targets where the n-gram tilt fired
 
-
 # A scoring plan is an int64 tensor of windows (start, score_from, score_to) in target indices (target i is
 # val_tokens[i+1], predicted from val_tokens[:i+1]): a window feeds the model val_tokens[start:score_to] (at most
 # EVAL_SEQ_LEN) and scores targets [score_from, score_to). Positions past score_to are padding: a window never reads
 # past its last target, and every forward has the static shape [batch, EVAL_SEQ_LEN].
 PAD_ID = 0
 
-
 def plain_windows(num_targets: int, seq_len: int) -> Tensor:
     """Non-overlapping windows of seq_len targets; the last one holds the tail (may be shorter)."""
     starts = torch.arange(0, num_targets, seq_len)
     return torch.stack((starts, starts, (starts + seq_len).clamp(max=num_targets)), dim=1)
-
 
 def sliding_windows(num_targets: int, seq_len: int, stride: int) -> Tensor:
     """The first window scores its seq_len targets; each later one ends `stride` further and scores only those new targets,
@@ -2424,7 +2274,6 @@ def sliding_windows(num_targets: int, seq_len: int, stride: int) -> Tensor:
     starts_of_span = torch.cat((torch.zeros(1, dtype=torch.long), ends[:-1]))
     return torch.stack(((ends - seq_len).clamp(min=0), starts_of_span, ends), dim=1)
 
-
 def split_at_chunks(windows: Tensor, chunk_tokens: int, seq_len: int) -> Tensor:
     """Cut a sliding plan's scored spans at multiples of chunk_tokens so each window scores one TTT chunk's targets; a
     piece's window still ends where its span ends (same context). No change when the stride divides window and chunk."""
@@ -2432,7 +2281,6 @@ def split_at_chunks(windows: Tensor, chunk_tokens: int, seq_len: int) -> Tensor:
     cuts = torch.cat((windows[:, 1], boundaries, windows[-1:, 2])).unique()  # sorted
     ends = cuts[1:]
     return torch.stack(((ends - seq_len).clamp(min=0), cuts[:-1], ends), dim=1)
-
 
 def window_batch(tokens: Tensor, windows: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
     """(inputs, targets, scored mask) [len(windows), seq_len]: position j holds target start+j; at or past score_to PAD_ID."""
@@ -2444,18 +2292,15 @@ def window_batch(tokens: Tensor, windows: Tensor, seq_len: int) -> tuple[Tensor,
     targets = torch.where(real, tokens[positions + 1], PAD_ID)
     return inputs, targets, scored
 
-
 def pad_windows(windows: Tensor, count: int) -> Tensor:
     """Append empty rows (0, 0, 0) (windows) or (0, 0) (documents): all padding, nothing scored. Keeps batch shapes static."""
     missing = count - windows.size(0)
     return torch.cat((windows, windows.new_zeros(missing, windows.size(1)))) if missing > 0 else windows
 
-
 def rank_share(begin: int, end: int, runtime: Runtime) -> tuple[int, int]:
     """This rank's contiguous part of the index range [begin, end)."""
     n = end - begin
     return begin + n * runtime.rank // runtime.world_size, begin + n * (runtime.rank + 1) // runtime.world_size
-
 
 # N-gram tilt (FRONTIER §1). The hint of target i (= val_tokens[i+1]) is the token that most often followed the same
 # NGRAM_TILT_ORDER-1 tokens val_tokens[i-order+2 : i+1] earlier in the stream (across documents; ties: the first to
@@ -2468,11 +2313,9 @@ def run_begins(sorted_keys: Tensor) -> Tensor:
     new[1:] = sorted_keys[1:] != sorted_keys[:-1]
     return new
 
-
 def run_start_slots(new: Tensor) -> Tensor:
     """int32 per slot: the slot where its run begins (new = run_begins(...))."""
     return torch.arange(new.numel(), device=new.device, dtype=torch.int32)[new][torch.cumsum(new, 0) - 1]
-
 
 def window_ids(tokens: Tensor, length: int) -> Tensor:
     """int64 ids with ids[p] == ids[q] exactly when tokens[p:p+length] == tokens[q:q+length], by prefix doubling: the
@@ -2491,7 +2334,6 @@ def window_ids(tokens: Tensor, length: int) -> Tensor:
         ids = ids[:-step].long() * base + ids[step:]
         span += step
     return ids
-
 
 @torch.no_grad()
 def ngram_hints(tokens: Tensor, order: int, threshold: float) -> tuple[Tensor, Tensor]:
@@ -2524,7 +2366,6 @@ def ngram_hints(tokens: Tensor, order: int, threshold: float) -> tuple[Tensor, T
     gates[by_context + k - 1] = gate
     return hints, gates
 
-
 @dataclass
 class NgramTilt:
     """A stream's hints (ngram_hints) and the boost; gather() and apply() serve every scoring path."""
@@ -2542,7 +2383,6 @@ class NgramTilt:
         tilted = nll - self.boost * (target_ids == hint_ids) + torch.log1p(torch.exp(-hint_nll) * math.expm1(self.boost))
         return torch.where(gates, tilted, nll)
 
-
 def ngram_tilt(tokens: Tensor, h: Hyperparameters) -> NgramTilt | None:
     """The stream's tilt on tokens' device, or None when NGRAM_TILT_ENABLED=0. Every rank builds all hints itself: a
     hint depends on every earlier occurrence of its context (a global sort, well under a second on a GPU), and sharing
@@ -2550,7 +2390,6 @@ def ngram_tilt(tokens: Tensor, h: Hyperparameters) -> NgramTilt | None:
     if not h.ngram_tilt_enabled:
         return None
     return NgramTilt(*ngram_hints(tokens, h.ngram_tilt_order, h.ngram_tilt_threshold), h.ngram_tilt_boost)
-
 
 def score_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, batch: Tensor, seq_len: int, totals: Tensor,
                 tilt: NgramTilt | None = None, lora: DocumentLoRA | None = None) -> tuple[Tensor, Tensor]:
@@ -2572,13 +2411,11 @@ def score_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, batch: T
                            gates.sum().double()))
     return untilted, scored
 
-
 def score_windows(model: nn.Module, tokens: Tensor, target_bytes: Tensor, windows: Tensor, seq_len: int,
                   batch_windows: int, totals: Tensor, tilt: NgramTilt | None = None) -> None:
     """score_batch over a plan, in forwards of exactly batch_windows windows. Call under no_grad."""
     for i in range(0, windows.size(0), batch_windows):
         score_batch(model, tokens, target_bytes, pad_windows(windows[i : i + batch_windows], batch_windows), seq_len, totals, tilt)
-
 
 def eval_result(stage: str, totals: Tensor, seconds: float, tilted: bool = False) -> EvalResult:
     nats, num_bytes, count, untilted_nats, gated = totals.tolist()
@@ -2586,7 +2423,6 @@ def eval_result(stage: str, totals: Tensor, seconds: float, tilted: bool = False
                         for name, n in ((stage, nats), (f"{stage}_untilted", untilted_nats)))
     result.untilted, result.gated = (untilted, int(gated)) if tilted else (None, 0)
     return result
-
 
 def eval_windows(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
                  runtime: Runtime, stage: str, windows: Tensor) -> EvalResult:
@@ -2605,19 +2441,16 @@ def eval_windows(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: 
     synchronize(runtime)
     return eval_result(stage, totals, time.perf_counter() - t0, tilt is not None)
 
-
 def eval_plain(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
                runtime: Runtime, stage: str = "plain") -> EvalResult:
     """Non-overlapping EVAL_SEQ_LEN windows over the whole stream, tail included."""
     return eval_windows(model, val_tokens, target_bytes, h, runtime, stage, plain_windows(val_tokens.numel() - 1, h.eval_seq_len))
-
 
 def eval_sliding(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
                  runtime: Runtime, stage: str = "sliding") -> EvalResult:
     """EVAL_SEQ_LEN windows advanced by EVAL_STRIDE; every target scored once with >= len - stride context."""
     windows = sliding_windows(val_tokens.numel() - 1, h.eval_seq_len, h.eval_stride)
     return eval_windows(model, val_tokens, target_bytes, h, runtime, stage, windows)
-
 
 def all_reduce_grads(params: list[nn.Parameter], runtime: Runtime) -> None:
     """Sum gradients over ranks in one flat buffer (one collective instead of one per tensor)."""
@@ -2627,7 +2460,6 @@ def all_reduce_grads(params: list[nn.Parameter], runtime: Runtime) -> None:
     flat = runtime.comm.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         p.grad = g.view_as(p)
-
 
 def train_on_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                    tokens: Tensor, chunk_begin: int, chunk_end: int, lr: float, h: Hyperparameters,
@@ -2653,7 +2485,6 @@ def train_on_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: torc
         if h.ttt_grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
         optimizer.step()
-
 
 def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
              runtime: Runtime, log=log_nothing, stage: str = "ttt") -> EvalResult:
@@ -2698,7 +2529,6 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
     synchronize(runtime)
     return eval_result(stage, totals, time.perf_counter() - t0, tilt is not None)
 
-
 # Per-document LoRA TTT (FRONTIER §5). A document runs from a BOS (or the stream's start) to the next BOS, its last
 # target: document [s, e) holds targets s..e-1, so documents partition the targets plain/sliding score. Each is scored
 # in chunks of C targets, in order; the chunk ending at local target c is one row of a forward reading the document's
@@ -2708,7 +2538,6 @@ LORA_PLACEMENTS = ("q", "k", "v", "o", "mlp", "head")
 MIN_WINDOW_BUCKET = 128  # shortest forward: the GPU is latency-bound below, and it is FlexAttention's mask block
 MIN_ROWS = 2  # rows a LoRA forward keeps: one row would be a second compiled graph per block variant (dynamo specializes 1)
 CHALLENGE_VAL_TOKENS = 47_851_520  # FineWeb validation tokens with the records' CaseOps tokenizer (40,540,160 with sp8192)
-
 
 @dataclass
 class LoRATerms:
@@ -2722,7 +2551,6 @@ class LoRATerms:
             return y
         a, b = (f[: x.size(0)].to(x.dtype) for f in self.factors[name])
         return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)) * self.scale, b.transpose(1, 2))
-
 
 class DocumentLoRA:
     """Adapters for TTT_BATCH_DOCS documents at the TTT_LORA_TARGETS placements of every virtual layer and the head. A,
@@ -2750,7 +2578,6 @@ class DocumentLoRA:
         for b in self.parameters()[1::2]:  # the parameters are (A, B) pairs
             b.zero_()
 
-
 def document_spans(tokens: Tensor) -> Tensor:
     """[documents, 2] (start, end) target ranges: documents start at the stream's start and at every BOS."""
     num_targets = tokens.numel() - 1
@@ -2758,11 +2585,9 @@ def document_spans(tokens: Tensor) -> Tensor:
     spans = torch.stack((starts, torch.cat((starts[1:], torch.tensor([num_targets])))), dim=1)
     return spans[spans[:, 1] > spans[:, 0]]
 
-
 def longest_first(docs: Tensor) -> Tensor:
     """Document spans [n, 2] sorted by length, longest first, ties in their given order."""
     return docs[torch.sort(docs[:, 0] - docs[:, 1], stable=True).indices]
-
 
 def lora_plan(docs: Tensor, h: Hyperparameters) -> tuple[int, list[tuple[int, int]]]:
     """(chunk C, (rows, forward length) per chunk) of a batch, longest document first: C is TTT_CHUNK_SIZE, or the
@@ -2780,7 +2605,6 @@ def lora_plan(docs: Tensor, h: Hyperparameters) -> tuple[int, list[tuple[int, in
             rows = max(MIN_ROWS, rows // 4)
         plan.append((rows, seq_len))
     return chunk, plan
-
 
 def lora_ttt_schedule(docs: Tensor, h: Hyperparameters, world_size: int) -> list[list[list[Tensor]]]:
     """segments[k][rank] = that rank's batches (documents [TTT_BATCH_DOCS, 2], longest first, ties in stream order, (0, 0)
@@ -2800,7 +2624,6 @@ def lora_ttt_schedule(docs: Tensor, h: Hyperparameters, world_size: int) -> list
             load[rank] += sum(rows * seq_len for rows, seq_len in lora_plan(batch, h)[1])
         segments.append(mine)
     return segments
-
 
 def lora_ttt_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, docs: Tensor, lora: DocumentLoRA,
                    h: Hyperparameters, totals: Tensor, tilt: NgramTilt | None) -> None:
@@ -2826,7 +2649,6 @@ def lora_ttt_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, docs:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-
 def global_sgd(model: nn.Module, tokens: Tensor, docs: Tensor, h: Hyperparameters, runtime: Runtime) -> None:
     """A phase's global SGD of all weights (momentum TTT_MOMENTUM, PHASED_TTT_EPOCHS steps per TTT_CHUNK_TOKENS chunk, LR
     PHASED_TTT_LR cosine over chunks, clip TTT_GRAD_CLIP) on the scored documents `docs` in stream order. Each keeps its
@@ -2843,7 +2665,6 @@ def global_sgd(model: nn.Module, tokens: Tensor, docs: Tensor, h: Hyperparameter
         train_on_chunk(model, params, optimizer, stream, begin, end, lr, h, runtime, h.phased_ttt_epochs, h.ttt_window)
     optimizer.zero_grad(set_to_none=True)
     model.requires_grad_(False)
-
 
 def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
                   runtime: Runtime, log=log_nothing, stage: str = "ttt") -> EvalResult:
@@ -2888,13 +2709,9 @@ def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h:
         f"{CHALLENGE_VAL_TOKENS:,} tokens on 8 GPUs, linear from {tokens.numel():,} tokens in {seconds:.1f}s on {runtime.world_size} {runtime.device.type} process(es)")
     return eval_result(stage, totals, seconds, tilt is not None)
 
-
-# ==================================================================================================
-# Main
-# ==================================================================================================
+# ========== Main ======================================================================================================
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
 
 def build_model(h: Hyperparameters, runtime: Runtime, backend: str) -> GPT:
     """A fresh model on the runtime device, computing in bf16 on GPU and fp32 on CPU."""
@@ -2902,7 +2719,6 @@ def build_model(h: Hyperparameters, runtime: Runtime, backend: str) -> GPT:
     model = GPT(h, backend).to(runtime.device)
     model.compute_dtype = torch.bfloat16 if runtime.device.type == "cuda" else torch.float32
     return model
-
 
 def compile_model(model: GPT, h: Hyperparameters, runtime: Runtime, dynamic: bool | None = False) -> str:
     """Regional compilation (each block, the head) compiles in seconds and serves every layer; full traces the unrolled
@@ -2926,7 +2742,6 @@ def compile_model(model: GPT, h: Hyperparameters, runtime: Runtime, dynamic: boo
         model.compile(dynamic=dynamic)
     return mode
 
-
 def batch_layout(h: Hyperparameters, runtime: Runtime) -> tuple[int, int]:
     """(sequences per micro-batch per rank, accumulation steps): the largest micro-batch <= MICRO_BATCH_SEQS dividing the share."""
     global_seqs = h.train_batch_tokens // h.train_seq_len
@@ -2935,7 +2750,6 @@ def batch_layout(h: Hyperparameters, runtime: Runtime) -> tuple[int, int]:
     per_rank = global_seqs // runtime.world_size
     micro = max(d for d in range(1, min(h.micro_batch_seqs, per_rank) + 1) if per_rank % d == 0)
     return micro, per_rank // micro
-
 
 def train_step(model: GPT, optimizers: Optimizers, loader: TrainLoader, grad_accum_steps: int,
                lr_mult: float, muon_momentum: float) -> Tensor:
@@ -2949,7 +2763,6 @@ def train_step(model: GPT, optimizers: Optimizers, loader: TrainLoader, grad_acc
     optimizers.step(lr_mult, muon_momentum)
     optimizers.zero_grad()
     return total / grad_accum_steps
-
 
 def warm_up_and_reset(model: GPT, optimizers: Optimizers, loader: TrainLoader, h: Hyperparameters, grad_accum_steps: int) -> None:
     """WARMUP_STEPS real steps per graph variant (without and with looping) so that all compilation happens here, then
@@ -2967,11 +2780,9 @@ def warm_up_and_reset(model: GPT, optimizers: Optimizers, loader: TrainLoader, h
     optimizers.load_state_dict(optimizer_state)
     loader.load_state_dict(loader_state)
 
-
 def synchronize(runtime: Runtime) -> None:
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)
-
 
 def log_eval(log: Logger, result: EvalResult) -> None:
     log(f"{result.stage} val_loss:{result.loss:.6f} val_bpb:{result.bpb:.6f} eval_time:{result.seconds * 1000:.0f}ms")
@@ -2982,11 +2793,9 @@ def log_eval(log: Logger, result: EvalResult) -> None:
         log(f"ngram_tilt {result.stage} gated:{result.gated}/{result.tokens} ({result.gated / result.tokens:.2%})")
         log.metrics(event="ngram_tilt", stage=result.stage, gated=result.gated, scored=result.tokens)
 
-
 def log_timing(log: Logger, name: str, seconds: float) -> None:
     log(f"timing {name}: {seconds:.1f}s")
     log.metrics(event="timing", name=name, seconds=seconds)
-
 
 def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tokens: Tensor,
           val_target_bytes: Tensor) -> tuple[TrainLoader, WeightAverager, float]:
@@ -3065,14 +2874,12 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
         log(f"softcap caps: positive {caps[0]:.3f} negative {caps[1]:.3f}")
     return loader, averager, training_seconds
 
-
 @torch.no_grad()
 def held_out_train_loss(model: GPT, batches: list[tuple[Tensor, Tensor]], runtime: Runtime) -> float:
     """Mean loss on training batches the model has not trained on, averaged over ranks (eager)."""
     with looping_enabled(model), torch.compiler.set_stance("force_eager"):
         losses = torch.stack([model(x, y) for x, y in batches]).mean()
     return float(runtime.comm.all_reduce_sum(losses.double())) / runtime.world_size
-
 
 def choose_averaged_weights(model: GPT, averager: WeightAverager, loader: TrainLoader, h: Hyperparameters,
                             runtime: Runtime, log: Logger) -> str:
@@ -3100,7 +2907,6 @@ def choose_averaged_weights(model: GPT, averager: WeightAverager, loader: TrainL
     log.metrics(event="weight_choice", chosen="raw" if keep_raw else h.averaging, raw_loss=raw_loss, averaged_loss=averaged_loss)
     return "raw" if keep_raw else h.averaging
 
-
 def measure_calibration_seconds(model: GPT, h: Hyperparameters, runtime: Runtime) -> float:
     """The cost of the weight choice and GPTQ calibration after training, measured before the clock on random tokens (eager
     forwards, timed on their second run): 1.25 x the estimate + 1 s (loader reads, the averaged-weights copy)."""
@@ -3119,7 +2925,6 @@ def measure_calibration_seconds(model: GPT, h: Hyperparameters, runtime: Runtime
     estimate = max(1, h.gptq_calibration_batches // runtime.world_size) * hessian_batch + 2 * check_batches * check_batch
     return 1.25 * estimate + 1.0
 
-
 def calibration_batches(loader: TrainLoader, h: Hyperparameters, runtime: Runtime):
     """GPTQ_CALIBRATION_BATCHES batches of GPTQ_CALIBRATION_SEQS training sequences, split over ranks. 64 x 8 x 2048 =
     1M tokens pin down 512..2048-wide Hessians; more only costs time (the hooks' X^T X is fp32 and eager)."""
@@ -3127,14 +2932,12 @@ def calibration_batches(loader: TrainLoader, h: Hyperparameters, runtime: Runtim
         x, y = loader.next_batch()
         yield x[: h.gptq_calibration_seqs], y[: h.gptq_calibration_seqs]
 
-
 def random_documents(lengths: list[int], h: Hyperparameters) -> tuple[Tensor, Tensor]:
     """(tokens, target bytes): random ids, never validation data, in documents of the given target counts (a BOS each;
     the last target of each is the next BOS), one byte per target."""
     tokens = torch.randint(BOS_ID + 1, h.vocab_size, (sum(lengths) + 1,), generator=torch.Generator().manual_seed(h.seed))
     tokens[torch.tensor([0] + lengths[:-1]).cumsum(0)] = BOS_ID
     return tokens, torch.ones(tokens.numel() - 1, dtype=torch.int32)
-
 
 def warm_up_evaluation(model: GPT, h: Hyperparameters, runtime: Runtime) -> dict[str, float]:
     """Run the final evaluation's stages once on random tokens, so that every graph compiles before the eval clock starts,
@@ -3178,7 +2981,6 @@ def warm_up_evaluation(model: GPT, h: Hyperparameters, runtime: Runtime) -> dict
         model.requires_grad_(True)
     return seconds
 
-
 def evaluate_artifact(path: str, h: Hyperparameters, runtime: Runtime, log: Logger, backend: str,
                       val_tokens: Tensor, val_target_bytes: Tensor) -> tuple[EvalResult, dict]:
     """Score an artifact file as the rules count it: the eval clock runs from reading the file to the last score of
@@ -3217,7 +3019,6 @@ def evaluate_artifact(path: str, h: Hyperparameters, runtime: Runtime, log: Logg
     return results[-1], dict(eval_time_s=eval_seconds, eval_warmup_s=warmup_seconds, eval_time_8gpu_s=projected,
                              eval_time_projected=not on_record_hardware, eval_over_budget=projected > EVAL_LIMIT_SECONDS)
 
-
 def git_commit(folder: Path) -> str | None:
     """The checkout's commit (with '+dirty' when files differ), for reproducing a run from its log."""
     import subprocess
@@ -3229,7 +3030,6 @@ def git_commit(folder: Path) -> str | None:
     if commit.returncode:
         return None
     return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
 
 def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     source = read_script_source()  # the readable file, or the shipped copy's own source
@@ -3342,7 +3142,6 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
         final["peak_memory_mib"] = peak
     log.metrics(**final)
 
-
 def print_knobs() -> None:
     """`python train_gpt.py --help`: every knob with its type, default and meaning (the README's table)."""
     saved = dict(os.environ)
@@ -3360,7 +3159,6 @@ def print_knobs() -> None:
             print(f"[{section}]")
         print(f"  {knob.name:<28} {knob.kind:<5} default {knob.default!r:<12} {knob.help}")
 
-
 def check_fits_machine(h: Hyperparameters) -> None:
     """Without a GPU, refuse up front a config whose activations cannot fit in memory, instead of running until the kernel kills it."""
     if torch.cuda.is_available():
@@ -3375,7 +3173,6 @@ def check_fits_machine(h: Hyperparameters) -> None:
                           f"{have / 2**30:.0f} GiB: for a CPU smoke run use `bash run.sh` (its CPU config), or lower "
                           "MICRO_BATCH_SEQS/TRAIN_SEQ_LEN/MODEL_DIM")
 
-
 def load_config() -> Hyperparameters:
     """The knobs; EVAL_ONLY / REQUANTIZE_FROM: model (EVAL_ONLY: also quantization) knobs from that file, checked before any data."""
     h = Hyperparameters()
@@ -3386,7 +3183,6 @@ def load_config() -> Hyperparameters:
     check_fits_machine(h)
     return h
 
-
 def failure_text(e: Exception, h: Hyperparameters) -> str:
     """One line for the error; a collective that waited past DIST_TIMEOUT_SECONDS says so in words (gloo's own
     text varies: 'Timed out waiting ...', 'Application timeout caused pair closure')."""
@@ -3395,7 +3191,6 @@ def failure_text(e: Exception, h: Hyperparameters) -> str:
         return (f"a collective timed out after DIST_TIMEOUT_SECONDS={h.dist_timeout_seconds:g} s (another rank hung "
                 f"or died: its log says why; raise DIST_TIMEOUT_SECONDS if it is only slow): {text}")
     return text
-
 
 def main() -> None:
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
@@ -3432,7 +3227,6 @@ def main() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
 
 if __name__ == "__main__":
     main()
