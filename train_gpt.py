@@ -262,7 +262,7 @@ class Hyperparameters:
             self.phased_ttt_prefix_docs = env_float("PHASED_TTT_PREFIX_DOCS", 0.05, "lora_phased: documents scored before the last phase; < 1: a fraction of the validation documents", min_value=0)
             self.phased_ttt_lr = env_float("PHASED_TTT_LR", 1e-3, "lora_phased: global SGD learning rate (cosine over chunks)", min_value=0)
             self.phased_ttt_epochs = env_int("PHASED_TTT_EPOCHS", 1, "lora_phased: global SGD passes over each chunk", min_value=0)
-            self.ngram_tilt_enabled = env_bool("NGRAM_TILT_ENABLED", False, "tilt each scored distribution toward the token that most often followed the same context earlier in the stream")
+            self.ngram_tilt_enabled = env_bool("NGRAM_TILT_ENABLED", True, "tilt each scored distribution toward the token that most often followed the same context earlier in the stream (legal: the hint reads only earlier tokens; untilted figures logged too)")
             self.ngram_tilt_order = env_int("NGRAM_TILT_ORDER", 16, "n-gram tilt: n; the context is the previous n-1 tokens", min_value=2)
             self.ngram_tilt_threshold = env_float("NGRAM_TILT_THRESHOLD", 0.8, "n-gram tilt fires where top_count/total of the context >= this", min_value=0, max_value=1)
             self.ngram_tilt_boost = env_float("NGRAM_TILT_BOOST", 2.625, "n-gram tilt: log-boost of the hint token, p'(h) ~ p(h)*e^boost", min_value=0)

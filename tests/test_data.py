@@ -414,7 +414,8 @@ def test_every_reported_bpb_counts_the_sidecar_bytes(tmp_path, sp1024_model_path
     assert f"bytes: side-car {dataset / 'fineweb_val_bytes_000000.bin'}" in done.stdout
     events = [json.loads(line) for line in open(tmp_path / "logs" / "sidecar.jsonl")]
     evals = {e["stage"]: e for e in events if e["event"] == "eval"}
-    assert set(evals) == {"step1", "pre_average", "post_ema", "quantized", "quantized_sliding", "quantized_ttt"}
+    stages = {"step1", "pre_average", "post_ema", "quantized", "quantized_sliding", "quantized_ttt"}
+    assert set(evals) == stages | {f"{s}_untilted" for s in stages}  # the n-gram tilt (default on) logs both
     for e in evals.values():
         assert e["bytes"] == expected_bytes, e["stage"]
         assert e["val_bpb"] == pytest.approx(e["val_loss"] * e["tokens"] / (math.log(2) * expected_bytes), rel=1e-9)

@@ -173,7 +173,13 @@ class RecordingModel(nn.Module):
         self.frontier = 0  # highest target id seen by a scoring forward
         self.train_reads_ahead = False
 
-    def forward(self, input_ids, target_ids, reduction="none", lora=None):
+    def forward(self, input_ids, target_ids, reduction="none", hint_ids=None, lora=None):
+        """The n-gram tilt (on by default) asks for -log p(hint) too: the hint's weight. A stream of distinct ids
+        never repeats a context, so the tilt never fires and the checksum below holds with it on."""
+        nll = self.nll(input_ids, target_ids)
+        return nll if hint_ids is None else (nll, self.weights[hint_ids])
+
+    def nll(self, input_ids, target_ids):
         if not torch.is_grad_enabled():
             self.frontier = max(self.frontier, int(target_ids.max()))
             return self.weights[target_ids] + 1000.0 * self.trained[target_ids]

@@ -269,8 +269,9 @@ class LoRARecorder(nn.Module):
     def forward(self, input_ids, target_ids, reduction="none", hint_ids=None, lora=None):
         self.shapes.add(tuple(input_ids.shape))
         nll = self.weights[target_ids] + 1000.0 * (self.seen[:2].sum(0) > 0)[target_ids]
+        hint = None if hint_ids is None else self.weights[hint_ids]  # the tilt (default on) never fires on distinct ids
         if not torch.is_grad_enabled():
-            return nll
+            return nll if hint is None else (nll, hint)
         nll = nll + 0.0 * (self.unused if lora is None else sum(f.sum() for f in lora.parameters()))
 
         def record(grad):
@@ -280,7 +281,7 @@ class LoRARecorder(nn.Module):
             if lora is None:
                 self.seen[2, target_ids[trained & (target_ids > tg.BOS_ID)]] += 1
         nll.register_hook(record)
-        return nll
+        return nll if hint is None else (nll, hint)
 
 
 def check_recorded_run(result, recorder, tokens, spans, mode: str) -> None:
