@@ -5,7 +5,8 @@ tokens, 8 query / 4 KV heads, head dim 64, bf16), errors of out/dq/dk/dv against
 (SDPA math), median ms and TFLOP/s (CUDA events), the first call's time (FA4 JIT-compiles its kernels
 then), and whether a fullgraph torch.compile of it works. Then document-masked (varlen) attention over
 packed documents, the lead's next step. One table; each candidate that fails prints its error in one
-line. Run after installing FA3/FA4 wheels (see docs/BENCHMARKS.md, "Attention backends").
+line. Run after installing FA3/FA4 wheels (for the offline GPU box, bench/fa4_carry.py packs FA4); not run on
+the box yet, so docs/BENCHMARKS.md has no FA3/FA4 figures.
 
     python bench/attention_probe.py
     AP_BATCH=8 python bench/attention_probe.py   # smaller batch
