@@ -3,8 +3,8 @@
 One readable file, launched as `torchrun --nproc_per_node=8 train_gpt.py` (or plain `python train_gpt.py`
 for one process, CPU included). It trains a GQA transformer with depth recurrence, parallel residuals and
 U-Net skips under a wallclock budget, averages the weights (EMA), squeezes them into a <= 16,000,000-byte
-artifact with full-Hessian GPTQ, reloads it and reports bits per byte on the validation text (plain,
-sliding window and legal score-first TTT).
+artifact with full-Hessian GPTQ, reloads it and reports bits per byte on the validation text (plain, then
+legal score-first TTT: per-document LoRA with a phase of global SGD by default, scored with an n-gram tilt).
 
 Rules that keep it readable: every knob is an env var declared in the config section; one forward pass
 (`GPT.forward`) serves training, evaluation, GPTQ calibration and TTT; sections follow the data flow:
