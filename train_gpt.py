@@ -1389,11 +1389,17 @@ class GPT(nn.Module):
         return self.final_norm(x)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean",
-                hint_ids: Tensor | None = None, lora: DocumentLoRA | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                hint_ids: Tensor | None = None, lora: DocumentLoRA | None = None,
+                columns: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Logits [B,T,V] without targets; else the fp32 cross-entropy ('mean', 'sum' or per-token 'none');
         with hint_ids (and 'none') the pair (nll, -log p(hint)) from the same logits (n-gram tilt);
-        with lora (a DocumentLoRA, one document per row) the TTT adapters' terms are added on the way."""
-        return self.head(self.hidden(input_ids, lora), self.tok_emb.weight, self.softcap_caps, target_ids, reduction, hint_ids,
+        with lora (a DocumentLoRA, one document per row) the TTT adapters' terms are added on the way.
+        columns [B,K]: every position runs through the blocks, but the head reads only these positions of each
+        row (targets and hints given at them, [B,K]): LoRA TTT scores a chunk's <= 48 of 2048 positions."""
+        hidden = self.hidden(input_ids, lora)
+        if columns is not None:
+            hidden = hidden.gather(1, columns[..., None].expand(-1, -1, hidden.size(-1)))
+        return self.head(hidden, self.tok_emb.weight, self.softcap_caps, target_ids, reduction, hint_ids,
                          None if lora is None else lora.head)
 
     def parameter_roles(self) -> dict[str, Role]:
@@ -2392,18 +2398,24 @@ def ngram_tilt(tokens: Tensor, h: Hyperparameters) -> NgramTilt | None:
     return NgramTilt(*ngram_hints(tokens, h.ngram_tilt_order, h.ngram_tilt_threshold), h.ngram_tilt_boost)
 
 def score_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, batch: Tensor, seq_len: int, totals: Tensor,
-                tilt: NgramTilt | None = None, lora: DocumentLoRA | None = None) -> tuple[Tensor, Tensor]:
+                tilt: NgramTilt | None = None, lora: DocumentLoRA | None = None, span: int | None = None) -> tuple[Tensor, Tensor]:
     """Add (nats, bytes, count, untilted nats, gated count) of the scored targets of windows `batch` to `totals`
-    (float64 [5]) from one forward, nats tilted if tilt is given. Returns (untilted nll per position, scored mask); the
-    nll keeps its graph under grad (LoRA TTT trains on it after the score is read)."""
+    (float64 [5]) from one forward, nats tilted if tilt is given. Returns (untilted nll, scored mask) per position, or
+    with `span` (no window scores more than span targets) per column of each row's first scored position + [0, span):
+    the head then reads those columns only. The nll keeps its graph under grad (LoRA TTT trains on it after scoring)."""
     inputs, targets, scored = window_batch(tokens, batch, seq_len)
     positions = (batch[:, :1] + torch.arange(seq_len, device=tokens.device)).clamp(max=target_bytes.numel() - 1)
+    columns = None
+    if span is not None and span < seq_len:  # [first, first + span) holds [score_from, score_to) - start
+        first = (batch[:, 1] - batch[:, 0]).clamp(0, seq_len - span)
+        columns = first[:, None] + torch.arange(span, device=tokens.device)
+        targets, scored, positions = (t.gather(1, columns) for t in (targets, scored, positions))
     if tilt is None:
-        untilted = model(inputs, targets, reduction="none", lora=lora)
+        untilted = model(inputs, targets, reduction="none", lora=lora, columns=columns)
         nll, gates = untilted.detach(), torch.zeros_like(scored)
     else:
         hint_ids, gates = tilt.gather(positions, scored)
-        untilted, hint_nll = model(inputs, targets, reduction="none", hint_ids=hint_ids, lora=lora)
+        untilted, hint_nll = model(inputs, targets, reduction="none", hint_ids=hint_ids, lora=lora, columns=columns)
         nll = tilt.apply(untilted.detach(), hint_nll, targets, hint_ids, gates)
     totals += torch.stack((torch.where(scored, nll.double(), 0.0).sum(),
                            torch.where(scored, target_bytes[positions], 0).sum().double(),
@@ -2642,7 +2654,7 @@ def lora_ttt_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, docs:
         end = lengths.clamp(max=(c + 1) * chunk)
         windows = torch.stack((starts + (end - h.ttt_window).clamp(min=0), starts + c * chunk, starts + end), dim=1)
         windows = torch.where((lengths > c * chunk)[:, None], windows, 0)
-        nll, scored = score_batch(model, tokens, target_bytes, windows, seq_len, totals, tilt, lora)
+        nll, scored = score_batch(model, tokens, target_bytes, windows, seq_len, totals, tilt, lora, span=chunk)
         if c < len(plan) - 1:  # some document goes on: train on the chunks that are not a document's last
             trained = scored & (lengths > (c + 1) * chunk)[:, None]
             (torch.where(trained, nll, 0.0).sum(1) / trained.sum(1).clamp(min=1)).sum().backward()

@@ -173,7 +173,7 @@ class RecordingModel(nn.Module):
         self.frontier = 0  # highest target id seen by a scoring forward
         self.train_reads_ahead = False
 
-    def forward(self, input_ids, target_ids, reduction="none", hint_ids=None, lora=None):
+    def forward(self, input_ids, target_ids, reduction="none", hint_ids=None, lora=None, columns=None):
         """The n-gram tilt (on by default) asks for -log p(hint) too: the hint's weight. A stream of distinct ids
         never repeats a context, so the tilt never fires and the checksum below holds with it on."""
         nll = self.nll(input_ids, target_ids)

@@ -163,6 +163,53 @@ def test_adapters_enter_every_virtual_layer_and_placement_one_document_per_row(m
     assert set(some.layers[3].factors) == {"k", "mlp"} and not some.head.factors
 
 
+def test_head_on_columns_equals_the_full_forward_there(monkeypatch):
+    """LoRA TTT's head reads only the chunk's columns (GPT.forward(columns=...)): the nll, the hint nll and every
+    gradient (adapters, base weights, caps) equal the full forward's at those columns."""
+    h = lora_hparams(monkeypatch)
+    model = make_model(h)
+    model.looping = True
+    lora = tg.DocumentLoRA(h, num_virtual_layers(h), CPU_DEVICE, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for b in lora.parameters()[1::2]:
+            b.normal_(generator=g)  # B != 0: every adapter, the head's too, acts
+    x, y, hints = (torch.randint(4, h.vocab_size, (h.ttt_batch_docs, 16), generator=g) for _ in range(3))
+    columns = torch.tensor([[0, 1, 2, 3, 4], [11, 12, 13, 14, 15], [6, 7, 8, 9, 10]])
+    at = lambda t: t.gather(1, columns)  # noqa: E731
+    params = list(model.parameters()) + lora.parameters()
+    full, full_hint = model(x, y, reduction="none", hint_ids=hints, lora=lora)
+    part, part_hint = model(x, at(y), reduction="none", hint_ids=at(hints), lora=lora, columns=columns)
+    torch.testing.assert_close(part, at(full), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(part_hint, at(full_hint), rtol=1e-5, atol=1e-6)
+    weights = torch.rand(columns.shape, generator=g)
+    for expected, got in zip(torch.autograd.grad((at(full) * weights).sum(), params, allow_unused=True),
+                             torch.autograd.grad((part * weights).sum(), params, allow_unused=True)):
+        if expected is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_ttt_scores_and_trains_alike_with_the_head_on_every_position(monkeypatch):
+    """The whole stage (adapter steps on, two phases of global SGD) gives the same score and the same weights
+    whether the head reads the chunk's columns (the default) or every position (span=None forced)."""
+    h = lora_hparams(monkeypatch, TTT_MODE="lora_phased")
+    tokens, _ = doc_stream(DOC_LENGTHS, h.vocab_size)
+    target_bytes = make_target_bytes(tokens)
+    results, states = [], []
+    for narrow in (True, False):
+        if not narrow:
+            full = tg.score_batch
+            monkeypatch.setattr(tg, "score_batch", lambda *args, span=None, **kwargs: full(*args, **kwargs))
+        model = make_model(h)
+        results.append(tg.eval_lora_ttt(model, tokens, target_bytes, h, CPU))
+        states.append(model.state_dict())
+    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-6) and results[0].tokens == results[1].tokens
+    for name in states[0]:
+        torch.testing.assert_close(states[0][name], states[1][name], rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------------------------ scores against an independent reference
 
 def reference_scores(model, tokens, target_bytes, spans, chunk: int, window: int, tilt=None) -> tuple[float, int, int]:
@@ -266,7 +313,7 @@ class LoRARecorder(nn.Module):
         self.seen = torch.zeros(3, vocab_size, dtype=torch.int32) if seen is None else seen  # adapters, SGD, SGD target count
         self.shapes: set[tuple[int, int]] = set()
 
-    def forward(self, input_ids, target_ids, reduction="none", hint_ids=None, lora=None):
+    def forward(self, input_ids, target_ids, reduction="none", hint_ids=None, lora=None, columns=None):
         self.shapes.add(tuple(input_ids.shape))
         nll = self.weights[target_ids] + 1000.0 * (self.seen[:2].sum(0) > 0)[target_ids]
         hint = None if hint_ids is None else self.weights[hint_ids]  # the tilt (default on) never fires on distinct ids
