@@ -2401,8 +2401,8 @@ def score_batch(model: nn.Module, tokens: Tensor, target_bytes: Tensor, batch: T
                 tilt: NgramTilt | None = None, lora: DocumentLoRA | None = None, span: int | None = None) -> tuple[Tensor, Tensor]:
     """Add (nats, bytes, count, untilted nats, gated count) of the scored targets of windows `batch` to `totals`
     (float64 [5]) from one forward, nats tilted if tilt is given. Returns (untilted nll, scored mask) per position, or
-    with `span` (no window scores more than span targets) per column of each row's first scored position + [0, span):
-    the head then reads those columns only. The nll keeps its graph under grad (LoRA TTT trains on it after scoring)."""
+    with `span` (no window scores more than span targets) per column of a run of span columns holding each row's
+    scored positions: the head then reads those columns only. The nll keeps its graph under grad (LoRA TTT trains on it after scoring)."""
     inputs, targets, scored = window_batch(tokens, batch, seq_len)
     positions = (batch[:, :1] + torch.arange(seq_len, device=tokens.device)).clamp(max=target_bytes.numel() - 1)
     columns = None
