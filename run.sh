@@ -10,7 +10,7 @@
 # run.sh's own variables (data preparation only):
 #   DOCS=path          build the dataset from local .jsonl[.xz|.gz|.zst] documents ({"text": ...} per line)
 #                      instead of downloading FineWeb
-#   VAL_DOCS=N         with DOCS: the first N documents are validation (default 50000; CPU smoke 500)
+#   VAL_DOCS=N         with DOCS: the first N documents are validation (default 50000; CPU smoke 100)
 #   TOKENIZER_DOCS=K   with DOCS: train the tokenizer on K documents (default: prepare_docs.py's; CPU smoke 5000)
 #   CASEOPS=1          with DOCS: build the case-operator variant (DATASET=docs_sp{V}_caseops); default 0
 #   TRAIN_SHARDS=N     FineWeb training shards to download (default 80; CPU smoke 1)

@@ -1597,11 +1597,12 @@ class WeightAverager:
         for p, avg in zip(model.parameters(), self.average):
             p.copy_(avg.to(p.dtype))
 
-# ========== Quantization and packing: GPTQ int6/int8 with SDClip, byte shuffle, compression, shipped code =============
+# ========== Quantization and packing: GPTQ (int6 matrices, int7 embedding) with SDClip, compression, shipped code ====
 # Pipeline: collect_hessians -> quantize_and_pack (GPTQ + SDClip, budget search, serialise, byte shuffle, compress)
 # -> load_artifact (exact inverse). Layout before compression: uint32 header length | JSON header (names, kinds,
 # shapes) | int8 values of every quantized tensor, in header order | byte-shuffled fp16 section (row scales, then
-# small tensors). Compressed blob: 1-byte compressor tag | uint32 chunk count | uint32 chunk sizes | chunks.
+# small tensors). Compressed blob (brotli/zstd/lzma): 1-byte tag | uint32 chunk count | uint32 chunk sizes | chunks;
+# rans: see its comment below.
 
 CLIP_SCALE_RANGE = (0.25, 4.0)       # budget search range of the multiplier on the clip sigmas
 BUDGET_AIM = 0.998                   # aim 0.2% under the target: the size model drifts ~0.1% between scales
