@@ -26,7 +26,6 @@ import linecache
 import math
 import os
 import queue
-import re
 import sys
 import threading
 import time
@@ -320,6 +319,11 @@ class Hyperparameters:
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
+
+    @property
+    def virtual_layers(self) -> int:
+        """Layer applications of one forward with looping on (evaluation, TTT): a LoRA adapter set each."""
+        return len(loop_schedule(self.num_layers, self.loop_start, self.loop_end, self.num_loops, True))
 
     @property
     def tokenizer_file(self) -> str:
@@ -2690,7 +2694,6 @@ def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h:
     tilt = ngram_tilt(tokens, h)
     docs = document_spans(val_tokens.cpu())
     segments = [s for s in lora_ttt_schedule(docs, h, runtime.world_size) if any(s)]  # an empty phase does nothing
-    num_layers = len(loop_schedule(h.num_layers, h.loop_start, h.loop_end, h.num_loops, True))
     totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
     scored = torch.zeros(len(docs), dtype=torch.int32)  # by this rank, per document
     model.requires_grad_(False)  # only the adapters get gradients while scoring
@@ -2698,7 +2701,7 @@ def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h:
         with looping_enabled(model):
             for k, segment in enumerate(segments):
                 t_phase = time.perf_counter()
-                lora = DocumentLoRA(h, num_layers, runtime.device, seed=h.seed + k)  # fresh after each phase
+                lora = DocumentLoRA(h, h.virtual_layers, runtime.device, seed=h.seed + k)  # fresh after each phase
                 for i, batch in enumerate(segment[runtime.rank]):
                     lora_ttt_batch(model, tokens, target_bytes, batch, lora, h, totals, tilt)
                     scored[torch.searchsorted(docs[:, 0].contiguous(), batch[batch[:, 1] > batch[:, 0], 0])] += 1
@@ -2979,13 +2982,12 @@ def warm_up_evaluation(model: GPT, h: Hyperparameters, runtime: Runtime) -> dict
             lengths += [h.ttt_window + extra * h.ttt_chunk_size] * (rows - max(MIN_ROWS, rows // 4))
             rows, extra = max(MIN_ROWS, rows // 4), extra + 2
         tokens, target_bytes = random_documents(lengths + [h.ttt_window + extra * h.ttt_chunk_size] * rows, h)
+        docs = document_spans(tokens)
         tokens, target_bytes = tokens.to(runtime.device), target_bytes.to(runtime.device)
-        docs = document_spans(tokens.cpu())
-        num_layers = len(loop_schedule(h.num_layers, h.loop_start, h.loop_end, h.num_loops, True))
         totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
         model.requires_grad_(False)
         with looping_enabled(model):
-            lora_ttt_batch(model, tokens, target_bytes, docs, DocumentLoRA(h, num_layers, runtime.device, h.seed), h,
+            lora_ttt_batch(model, tokens, target_bytes, docs, DocumentLoRA(h, h.virtual_layers, runtime.device, h.seed), h,
                            totals, ngram_tilt(tokens, h))
             lap("lora")
             if h.ttt_mode == "lora_phased":
@@ -3177,9 +3179,8 @@ def check_fits_machine(h: Hyperparameters) -> None:
     if torch.cuda.is_available():
         return
     tokens = min(h.micro_batch_seqs, h.train_batch_tokens // h.train_seq_len) * h.train_seq_len
-    layers = len(loop_schedule(h.num_layers, h.loop_start, h.loop_end, h.num_loops, True))
     # ~20 fp32 activations of width d saved per virtual layer and token, plus logits and their gradient.
-    need = tokens * 4 * (20 * h.model_dim * layers + 3 * h.vocab_size)
+    need = tokens * 4 * (20 * h.model_dim * h.virtual_layers + 3 * h.vocab_size)
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > 0.8 * have:
         raise ConfigError(f"no GPU, and one micro-batch of this config needs ~{need / 2**30:.0f} GiB of the machine's "
@@ -3200,7 +3201,7 @@ def failure_text(e: Exception, h: Hyperparameters) -> str:
     """One line for the error; a collective that waited past DIST_TIMEOUT_SECONDS says so in words (gloo's own
     text varies: 'Timed out waiting ...', 'Application timeout caused pair closure')."""
     text = f"{type(e).__name__}: " + " ".join(str(e).split())
-    if isinstance(e, RuntimeError) and re.search(r"timed out|timeout", text, re.IGNORECASE):
+    if isinstance(e, RuntimeError) and ("timed out" in text.lower() or "timeout" in text.lower()):
         return (f"a collective timed out after DIST_TIMEOUT_SECONDS={h.dist_timeout_seconds:g} s (another rank hung "
                 f"or died: its log says why; raise DIST_TIMEOUT_SECONDS if it is only slow): {text}")
     return text
