@@ -1,8 +1,6 @@
 """Evaluation section: plain, sliding-window and legal score-first TTT evaluation (SPEC §7)."""
 import math
-import os
 import socket
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import train_gpt as tg
-from tiny import tiny_hparams
+from tiny import end_gloo_rank, tiny_hparams
 
 # Small windows, stride, batches and chunks, so that every plan has several of each.
 EVAL_ENV = dict(EVAL_SEQ_LEN=32, EVAL_STRIDE=8, VAL_BATCH_TOKENS=128, TTT_CHUNK_TOKENS=64, TTT_LR=0.05,
@@ -236,16 +234,10 @@ def distributed_worker(rank: int, world_size: int, port: int, state_path: str, o
     """One gloo rank: evals(runtime, state_path), rank 0 saves what it returns to out_path."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        outcome = evals(tg.Runtime(rank, world_size, rank, torch.device("cpu")), state_path)
-        if rank == 0:
-            torch.save(outcome, out_path)
-        dist.barrier()  # both ranks done before teardown (gloo can abort a rank torn down mid-exchange)
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as train_gpt.py's main: gloo's teardown at interpreter exit aborts a finished rank now and then
+    outcome = evals(tg.Runtime(rank, world_size, rank, torch.device("cpu")), state_path)
+    if rank == 0:
+        torch.save(outcome, out_path)
+    end_gloo_rank()
 
 
 def test_two_processes_match_one(tmp_path):

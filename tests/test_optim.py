@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from tiny import TINY_ENV, tiny_hparams
+from tiny import TINY_ENV, end_gloo_rank, tiny_hparams
 
 
 def _model_and_batches(h, n_batches=3, batch=4, seed=0, dtype=torch.float32):
@@ -117,8 +117,7 @@ def _worker(rank, world, port, env, out_path, threads):
     norms = _train_steps(model, h, runtime, local)
     if rank == 0:
         torch.save({"state": model.state_dict(), "norms": norms}, out_path)
-    dist.barrier()  # all ranks done before teardown (gloo can abort a rank torn down mid-exchange)
-    dist.destroy_process_group()
+    end_gloo_rank()
 
 
 def test_comm_without_a_process_group_is_the_identity():

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
-from tiny import write_shards  # noqa: E402
+from tiny import end_gloo_rank, write_shards  # noqa: E402
 
 # Tiny tensors: one torch thread avoids thread-pool overhead that dominates at these sizes.
 torch.set_num_threads(1)
@@ -412,16 +412,13 @@ def _hessian_worker(rank: int, world_size: int, port: int, out_path: str) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        torch.manual_seed(0)
-        model = tg.GPT(tg.Hyperparameters())
-        batches = synthetic_batches(4, seed=2)[rank::world_size]
-        hessians = tg.collect_hessians(model, batches, tg.Runtime(rank=rank, world_size=world_size))
-        if rank == 0:
-            torch.save(hessians, out_path)
-        dist.barrier()  # both ranks done before teardown (gloo can abort a rank torn down mid-exchange)
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    model = tg.GPT(tg.Hyperparameters())
+    batches = synthetic_batches(4, seed=2)[rank::world_size]
+    hessians = tg.collect_hessians(model, batches, tg.Runtime(rank=rank, world_size=world_size))
+    if rank == 0:
+        torch.save(hessians, out_path)
+    end_gloo_rank()
 
 
 def test_hessians_on_two_gloo_processes_equal_single_process(tiny, tmp_path):

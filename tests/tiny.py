@@ -94,3 +94,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def end_gloo_rank() -> None:
+    """End a spawned gloo test rank as train_gpt.py's main ends a distributed run: a barrier (every rank done), then
+    os._exit(0) without tearing gloo down. Its teardown (destroy_process_group or at interpreter exit) aborts a
+    finished rank now and then ('terminate called without an active exception', SIGABRT: seen in CI on 4 ranks)."""
+    import sys
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
