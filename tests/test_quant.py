@@ -207,10 +207,11 @@ def test_missing_compressor_package_names_it(monkeypatch):
         tg.compress(b"x", "zstd")
 
 
-def with_awq_lite_and_lqer(h, monkeypatch):
-    """AWQ-lite and LQER on for the tiny model: its tensors have fewer than 65,536 values, and 16-column groups."""
+def with_awq_lite_and_lqer(h, monkeypatch, on=True):
+    """AWQ-lite and LQER on (the defaults) for the tiny model: its tensors have fewer than 65,536 values,
+    and 16-column groups; on=False switches both off (the plain GPTQ arm)."""
     monkeypatch.setattr(tg, "AWQ_MIN_VALUES", 0)
-    h.awq_lite_enabled, h.awq_lite_group_size, h.lqer_enabled = True, 16, True
+    h.awq_lite_enabled, h.awq_lite_group_size, h.lqer_enabled = on, 16, on
 
 
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "awq_lqer"])
@@ -219,8 +220,7 @@ def test_reloaded_artifact_matches_in_memory_quantized_model(tiny, compressor, e
     model = trained_model(tiny)
     hessians = tg.collect_hessians(model, synthetic_batches(4, seed=2), tg.Runtime())
     tiny.artifact_target_bytes, tiny.compressor = 1_000_000, compressor  # loose: one attempt
-    if extras:
-        with_awq_lite_and_lqer(tiny, monkeypatch)
+    with_awq_lite_and_lqer(tiny, monkeypatch, on=extras)
     blob, report = tg.quantize_and_pack(model, hessians, tiny, reserved_bytes=0)
     assert (len(report["lqer"]), len(report["awq_lite"])) == ((3, 1) if extras else (0, 0))
     reloaded = tg.GPT(tiny)
@@ -261,8 +261,7 @@ def test_budget_search_lands_just_under_target(tiny, compressor, extras, monkeyp
     model = trained_model(tiny)
     hessians = tg.collect_hessians(model, synthetic_batches(4, seed=2), tg.Runtime())
     tiny.artifact_target_bytes, tiny.compressor = 61_000, compressor
-    if extras:
-        with_awq_lite_and_lqer(tiny, monkeypatch)
+    with_awq_lite_and_lqer(tiny, monkeypatch, on=extras)
     blob, report = tg.quantize_and_pack(model, hessians, tiny, reserved_bytes=1_000)
     assert report["target_bytes"] == 60_000 and report["model_bytes"] == len(blob)
     assert (1 - tg.BUDGET_TOLERANCE) * 60_000 <= len(blob) <= 60_000
