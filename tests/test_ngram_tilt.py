@@ -55,7 +55,10 @@ def hints_of(tokens, order=16, threshold=0.8) -> tuple[list[int], list[bool]]:
 @pytest.mark.parametrize("vocab_size,order,threshold,seed", [
     (2, 3, 0.0, 0), (3, 4, 0.5, 1), (2, 16, 0.8, 2), (5, 2, 0.8, 3), (4, 5, 1.0, 4), (7, 3, 0.6, 5),
     (300, 16, 0.8, 6)])
-def test_vectorised_hints_equal_the_state_machine(vocab_size, order, threshold, seed):
+@pytest.mark.parametrize("sort_targets", [4_000_000, 97], ids=["one_sort", "residue_classes"])
+def test_vectorised_hints_equal_the_state_machine(vocab_size, order, threshold, seed, sort_targets, monkeypatch):
+    # 97 keys per sort splits the 3,000 windows into 31 residue classes, each sorted alone (FineWeb's 47.9M: 12)
+    monkeypatch.setattr(tg, "HINT_SORT_TARGETS", sort_targets)
     tokens = repetitive_stream(3000, vocab_size, seed)
     expected = reference_hints(tokens.tolist(), order, threshold)
     got = hints_of(tokens, order, threshold)
@@ -113,12 +116,14 @@ def test_hint_depends_only_on_tokens_up_to_its_position():
     assert moved >= 4  # the perturbations do reach the later gates (from target j on)
 
 
-def test_contexts_that_a_hash_could_confuse_never_share_statistics():
+@pytest.mark.parametrize("sort_targets", [4_000_000, 5], ids=["one_sort", "residue_classes"])
+def test_contexts_that_a_hash_could_confuse_never_share_statistics(sort_targets, monkeypatch):
     # The pass ranks contexts exactly (window_ids), it does not hash them; this checks the property a
     # hash collision would break. The stream holds, each with its own follower, every variant of a
     # 15-token context A with ONE position changed (so any bug in the window length shows), and
     # permutations of A (equal under every symmetric hash: sum, XOR, multiset); then A itself,
     # which must be new: no hint, no gate. A second A then fires with the first A's follower.
+    monkeypatch.setattr(tg, "HINT_SORT_TARGETS", sort_targets)
     g = torch.Generator().manual_seed(1)
     context = torch.randperm(50, generator=g)[:15] + 100
     pieces, follower = [], 1000
