@@ -2331,18 +2331,20 @@ def run_start_slots(new: Tensor) -> Tensor:
 
 HINT_SORT_TARGETS = 4_000_000  # keys of the hint pass sorted at once (about): bounds its memory, not its result
 
-def residue_classes(ids: Tensor) -> Iterator[Tensor]:
-    """Positions of ids, split by the low bits of the (non-negative) ids into the fewest power-of-two classes of
-    ~HINT_SORT_TARGETS keys, in stream order. Equal ids share a class, so each class is sorted alone and the sort's
-    memory is one class's, not the stream's (47.9 M keys in one sort: 2.4 GB of GPU memory). The classes are as even
-    as the ids' low bits (3.0-3.4 M keys each on a FineWeb-sized stream; a constant stream is one class)."""
+def sorted_by_class(ids: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    """(sorted ids, their positions) per class of the (non-negative) ids' low bits: the fewest power-of-two classes of
+    ~HINT_SORT_TARGETS keys (one class, one sort, for a short stream). Equal ids share a class and the sort is stable,
+    so each context's occurrences stay in stream order, while a sort holds one class, not the stream (47.9 M keys in one
+    sort: 2.4 GB of GPU memory). Classes are as even as the low bits (3.0-3.4 M keys each on a FineWeb-sized stream)."""
     parts = 1 << min(15, max(0, math.ceil(math.log2(ids.numel() / HINT_SORT_TARGETS))))  # int16 residues
     if parts == 1:
-        yield torch.arange(ids.numel(), device=ids.device)
+        yield torch.sort(ids, stable=True)
         return
     residue = (ids & (parts - 1)).to(torch.int16)
     for b in range(parts):
-        yield torch.nonzero(residue == b).flatten()
+        positions = torch.nonzero(residue == b).flatten()
+        sorted_ids, order = torch.sort(ids[positions], stable=True)
+        yield sorted_ids, positions[order]
 
 def window_ids(tokens: Tensor, length: int) -> Tensor:
     """int64 ids with ids[p] == ids[q] exactly when tokens[p:p+length] == tokens[q:q+length], by prefix doubling: the
@@ -2353,12 +2355,10 @@ def window_ids(tokens: Tensor, length: int) -> Tensor:
         step, base = min(span, length - span), int(ids.max()) + 1
         if base > 2**31:
             ranks, base = torch.empty_like(ids, dtype=torch.int32), 0
-            for positions in residue_classes(ids):
-                sorted_ids, order = torch.sort(ids[positions])
+            for sorted_ids, positions in sorted_by_class(ids):
                 dense = torch.cumsum(run_begins(sorted_ids), 0, dtype=torch.int32) + (base - 1)
-                ranks[positions[order]] = dense
+                ranks[positions] = dense
                 base = int(dense[-1]) + 1 if dense.numel() else base
-                del sorted_ids, order, positions, dense
             ids = ranks
         ids = ids[:-step].long() * base + ids[step:]
         span += step
@@ -2376,10 +2376,9 @@ def ngram_hints(tokens: Tensor, order: int, threshold: float) -> tuple[Tensor, T
     ids, vocab = window_ids(tokens[:num_targets], k), int(tokens.max()) + 1  # window p = context of target p+k-1
     hints = torch.zeros(num_targets, dtype=torch.int32, device=tokens.device)
     gates = torch.zeros(num_targets, dtype=torch.bool, device=tokens.device)
-    for positions in residue_classes(ids):  # a context's occurrences share a class
-        sorted_ids, order = torch.sort(ids[positions], stable=True)
-        new, by_context = run_begins(sorted_ids), positions[order]
-        del sorted_ids, order, positions
+    for sorted_ids, by_context in sorted_by_class(ids):  # a context's occurrences share a class
+        new = run_begins(sorted_ids)
+        del sorted_ids
         repeated = ~(new & torch.cat((new[1:], new.new_ones(1))))  # not a run of one
         by_context, new = by_context[repeated], new[repeated]
         follower = tokens[by_context + k]

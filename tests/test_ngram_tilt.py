@@ -55,7 +55,7 @@ def hints_of(tokens, order=16, threshold=0.8) -> tuple[list[int], list[bool]]:
 @pytest.mark.parametrize("vocab_size,order,threshold,seed", [
     (2, 3, 0.0, 0), (3, 4, 0.5, 1), (2, 16, 0.8, 2), (5, 2, 0.8, 3), (4, 5, 1.0, 4), (7, 3, 0.6, 5),
     (300, 16, 0.8, 6)])
-@pytest.mark.parametrize("sort_targets", [4_000_000, 97], ids=["one_sort", "residue_classes"])
+@pytest.mark.parametrize("sort_targets", [4_000_000, 97], ids=["one_sort", "sorted_by_class"])
 def test_vectorised_hints_equal_the_state_machine(vocab_size, order, threshold, seed, sort_targets, monkeypatch):
     # 97 keys per sort splits the 3,000 windows into 32 residue classes, each sorted alone (FineWeb's 47.9M: 16);
     # vocabulary 300 also re-ranks per class inside window_ids (smaller vocabularies never pass 2**31 there)
@@ -117,7 +117,7 @@ def test_hint_depends_only_on_tokens_up_to_its_position():
     assert moved >= 4  # the perturbations do reach the later gates (from target j on)
 
 
-@pytest.mark.parametrize("sort_targets", [4_000_000, 5], ids=["one_sort", "residue_classes"])
+@pytest.mark.parametrize("sort_targets", [4_000_000, 5], ids=["one_sort", "sorted_by_class"])
 def test_contexts_that_a_hash_could_confuse_never_share_statistics(sort_targets, monkeypatch):
     # The pass ranks contexts exactly (window_ids), it does not hash them; this checks the property a
     # hash collision would break. The stream holds, each with its own follower, every variant of a
@@ -156,7 +156,7 @@ def test_short_streams_have_no_hints():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the pass runs on the GPU at evaluation)")
-@pytest.mark.parametrize("sort_targets", [4_000_000, 10_000], ids=["one_sort", "residue_classes"])
+@pytest.mark.parametrize("sort_targets", [4_000_000, 10_000], ids=["one_sort", "sorted_by_class"])
 def test_hints_on_the_gpu_equal_the_cpu(sort_targets, monkeypatch):
     monkeypatch.setattr(tg, "HINT_SORT_TARGETS", sort_targets)
     tokens = repetitive_stream(200_000, 50, seed=9)
