@@ -3,7 +3,7 @@ small enough to travel with the repo in one transfer (64 MiB in all). Run here, 
 
     python bench/fa4_carry.py            # (or: python bench/fa4_carry.py OUT_DIR)
 
-with .fa4 ignored (echo /.fa4/ >> .git/info/exclude), then on the box (carry [".fa4"]):
+(.fa4 is git-ignored, as carry needs), then on the box (carry [".fa4"]):
 
     python3 -c "import tarfile; tarfile.open('.fa4/fa4_site.tar.xz').extractall('/tmp/fa4', filter='data')" &&
     export PYTHONPATH=/tmp/fa4/site:/tmp/fa4/site/nvidia_cutlass_dsl/dsl_packages && python3 bench/attention_probe.py
@@ -38,7 +38,7 @@ def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else ".fa4")
     out.mkdir(parents=True, exist_ok=True)
     if out == Path(".fa4") and subprocess.run(["git", "check-ignore", "-q", ".fa4"]).returncode != 0:
-        print("note: .fa4 is not ignored by git; carry needs it ignored: echo /.fa4/ >> .git/info/exclude")
+        print("note: .fa4 is not ignored by git; carry needs it ignored: add /.fa4/ to .gitignore")
     with tempfile.TemporaryDirectory() as tmp:
         wheels, site = Path(tmp) / "wheels", Path(tmp) / "site"
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
