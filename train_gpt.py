@@ -23,14 +23,17 @@ import hashlib
 import importlib.metadata
 import json
 import linecache
+import lzma
 import math
 import os
 import queue
+import subprocess
 import sys
 import threading
 import time
 import traceback
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -628,11 +631,9 @@ class TrainLoader:
             except BaseException as error:  # handed to next_batch, which re-raises it on the caller's thread
                 item = (micro_batch, error)
             while not stop.is_set():
-                try:
+                with contextlib.suppress(queue.Full):
                     out.put(item, timeout=0.05)
                     break
-                except queue.Full:
-                    continue
             if isinstance(item[1], BaseException):
                 return
             micro_batch += 1
@@ -644,7 +645,7 @@ class TrainLoader:
                                         name="train-loader", daemon=True)
         self._worker.start()
 
-    def _stop_worker(self) -> None:
+    def close(self) -> None:
         if self._worker is not None:
             self._stop.set()
             self._worker.join()
@@ -671,12 +672,9 @@ class TrainLoader:
         if state["seed"] != self.seed or state["sequences_per_step"] != self.sequences_per_step:
             raise DataError(f"loader state from SEED={state['seed']}, {state['sequences_per_step']} sequences/step does not "
                             f"match this loader (SEED={self.seed}, {self.sequences_per_step}); resume with the same config")
-        self._stop_worker()
+        self.close()
         self.micro_batches_done = int(state["micro_batches_done"])
         self._start_worker()
-
-    def close(self) -> None:
-        self._stop_worker()
 
 @dataclass
 class ByteTables:
@@ -1637,7 +1635,7 @@ sys.stdout.buffer.write(out)
 class ArtifactBudgetError(RuntimeError):
     """The model cannot fit the artifact budget even at the coarsest quantization searched."""
 
-def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, Tensor]:
+def collect_hessians(model: GPT, batches, runtime: Runtime) -> dict[str, Tensor]:
     """H = sum X^T X (fp32) of each GPTQ'd parameter's Hessian source (Role.hessian: its linear's input, or for the tied
     embedding the final-norm output) on (x, y) training batches with looping on, by hooks on the model's own forward, run
     eagerly (compiled regions would bypass them); looped layers add every call. Summed over ranks; state_dict names."""
@@ -1650,13 +1648,12 @@ def collect_hessians(model: nn.Module, batches, runtime: Runtime) -> dict[str, T
         hessians[name].addmm_(x.T, x)
 
     hooks = []
-    for module_name, module in model.named_modules():
-        for pname, role in module.__dict__.get("roles", {}).items():
-            name = f"{module_name}.{pname}" if module_name else pname
-            if role.hessian == "input":
-                hooks.append(module.register_forward_hook(lambda m, inputs, out, name=name: accumulate(name, inputs[0])))
-            elif role.hessian == "head":
-                hooks.append(model.final_norm.register_forward_hook(lambda m, inputs, out, name=name: accumulate(name, out)))
+    for name, role in model.parameter_roles().items():
+        if role.hessian == "input":
+            owner = model.get_submodule(name.rpartition(".")[0])
+            hooks.append(owner.register_forward_hook(lambda m, inputs, out, name=name: accumulate(name, inputs[0])))
+        elif role.hessian == "head":
+            hooks.append(model.final_norm.register_forward_hook(lambda m, inputs, out, name=name: accumulate(name, out)))
     try:
         with looping_enabled(model), torch.no_grad(), torch.compiler.set_stance("force_eager"):
             for x, y in batches:
@@ -1907,7 +1904,6 @@ def require_compressor(name: str):
 
 def compress(data: bytes, compressor: str) -> bytes:
     """Fixed-size chunks (output independent of the machine) compressed in parallel child processes, one per core."""
-    import subprocess
     from concurrent.futures import ThreadPoolExecutor
     require_compressor(compressor)
     if compressor == "rans":
@@ -1934,12 +1930,8 @@ def decompress(blob: bytes) -> bytes:
     module = require_compressor(compressor)
     decode = module.ZstdDecompressor().decompress if compressor == "zstd" else module.decompress
     count = int.from_bytes(blob[1:5], "little")
-    sizes = [int.from_bytes(blob[5 + 4 * i : 9 + 4 * i], "little") for i in range(count)]
-    offset, parts = 5 + 4 * count, []
-    for size in sizes:
-        parts.append(decode(blob[offset : offset + size]))
-        offset += size
-    return b"".join(parts)
+    ends = (5 + 4 * count + np.cumsum(np.frombuffer(blob, "<u4", count, 5), dtype=np.int64)).tolist()
+    return b"".join(decode(blob[a:b]) for a, b in zip([5 + 4 * count] + ends, ends))
 
 # rANS coder for the quantized ints (COMPRESSOR=rans; numpy only): the columns (or rows) of each int tensor are clustered
 # into k classes of similar value distributions (k = 1 when classes do not pay for their labels), each with a symbol
@@ -2027,7 +2019,6 @@ def rans_tables(models: list, shapes: list) -> tuple[np.ndarray, np.ndarray, np.
 def rans_compress(data: bytes) -> bytes:
     """COMPRESSOR=rans on a serialize() payload. Side bytes per int tensor: axis, k, -lowest value (the
     symbols are ints - min(ints, 0)), alphabet size - 1, labels (log2 k bits each), the tables' codes."""
-    import lzma
     header_end = 4 + int.from_bytes(data[:4], "little")
     begin, meta, models, shapes, symbols = header_end, bytearray(), [], [], [np.zeros(0, np.int16)]
     for _, kind, shape, *_ in json.loads(data[4:header_end]):
@@ -2049,7 +2040,6 @@ def rans_compress(data: bytes) -> bytes:
 
 def rans_decompress(blob: bytes) -> bytes:
     """Inverse of rans_compress: the exact serialize() payload."""
-    import lzma
     side_end = 5 + int.from_bytes(blob[1:5], "little")
     side = lzma.decompress(blob[5:side_end])
     rest_end = 4 + int.from_bytes(side[:4], "little")
@@ -2193,13 +2183,11 @@ class ArtifactError(RuntimeError):
     """An unreadable or mismatched artifact / saved weights file; the message names the file."""
 
 def pack_artifact(config: dict, blob: bytes) -> bytes:
-    import zlib
     header = zlib.compress(json.dumps(config, sort_keys=True).encode(), 9)
     return ARTIFACT_MAGIC + len(header).to_bytes(4, "little") + header + blob
 
 def read_artifact(path: str) -> tuple[dict, bytes]:
     """(config, weights blob) of an artifact file; ArtifactError naming the file for anything else."""
-    import zlib
     if not os.path.isfile(path):
         raise ArtifactError(f"{path}: artifact not found; EVAL_ONLY takes the path of a final_model.<RUN_ID>.ptz written by train_gpt.py")
     data = Path(path).read_bytes()
@@ -2249,7 +2237,6 @@ def latin1_literal(data: bytes) -> str:
 
 def build_submission_code(source: str) -> bytes:
     """The shipped copy: minified, lzma'd (stdlib; FORMAT_ALONE has the smallest header), in a self-extracting exec stub."""
-    import lzma
     packed = lzma.compress(minify_source(source).encode("utf-8"), format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME)
     return SHIPPED_STUB.replace("{payload}", latin1_literal(packed)).encode("latin-1")
 
@@ -2460,22 +2447,24 @@ def eval_result(stage: str, totals: Tensor, seconds: float, tilted: bool = False
     result.untilted, result.gated = (untilted, int(gated)) if tilted else (None, 0)
     return result
 
+def scoring_inputs(val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
+                   runtime: Runtime) -> tuple[Tensor, Tensor, NgramTilt | None, Tensor]:
+    """Where every scoring path starts: the stream and its target bytes on the device, its n-gram tilt, zeroed totals."""
+    tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
+    return tokens, target_bytes, ngram_tilt(tokens, h), torch.zeros(5, dtype=torch.float64, device=runtime.device)
+
 def eval_windows(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
                  runtime: Runtime, stage: str, windows: Tensor) -> EvalResult:
     """Score a plan: windows split over ranks, VAL_BATCH_TOKENS per forward, sums all-reduced in float64."""
-    synchronize(runtime)
-    t0 = time.perf_counter()
-    tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
-    tilt = ngram_tilt(tokens, h)
+    t0 = synchronize(runtime)
+    tokens, target_bytes, tilt, totals = scoring_inputs(val_tokens, target_bytes, h, runtime)
     begin, end = rank_share(0, windows.size(0), runtime)
     # Static shapes, but no padding beyond the largest rank's share (tiny validation sets on CPU).
     batch_windows = max(1, min(h.val_batch_tokens // h.eval_seq_len, math.ceil(windows.size(0) / runtime.world_size)))
-    totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
     with looping_enabled(model), torch.no_grad():
         score_windows(model, tokens, target_bytes, windows[begin:end].to(runtime.device), h.eval_seq_len, batch_windows, totals, tilt)
     runtime.comm.all_reduce_sum(totals)
-    synchronize(runtime)
-    return eval_result(stage, totals, time.perf_counter() - t0, tilt is not None)
+    return eval_result(stage, totals, synchronize(runtime) - t0, tilt is not None)
 
 def eval_plain(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hyperparameters,
                runtime: Runtime, stage: str = "plain") -> EvalResult:
@@ -2528,10 +2517,8 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
     plan under no_grad (the result), then trained on with SGD (momentum TTT_MOMENTUM, TTT_EPOCHS steps, clip
     TTT_GRAD_CLIP, LR TTT_LR cosine over chunks), except the last. So each target is scored by weights that have only
     seen earlier chunks. CHANGES THE MODEL'S WEIGHTS IN PLACE: run it last, or on a copy."""
-    synchronize(runtime)
-    t0 = time.perf_counter()
-    tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
-    tilt = ngram_tilt(tokens, h)
+    t0 = synchronize(runtime)
+    tokens, target_bytes, tilt, totals = scoring_inputs(val_tokens, target_bytes, h, runtime)
     num_targets, seq_len, chunk_tokens = tokens.numel() - 1, h.eval_seq_len, h.ttt_chunk_tokens
     windows = split_at_chunks(sliding_windows(num_targets, seq_len, h.eval_stride), chunk_tokens, seq_len)
     chunk_begins = list(range(0, num_targets, chunk_tokens))
@@ -2544,7 +2531,6 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
     batch_windows = max(1, min(h.val_batch_tokens // seq_len, largest_share))
     params = list(model.requires_grad_(True).parameters())
     optimizer = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-    totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
     log_every = max(1, num_chunks // 20)
     try:
         with looping_enabled(model):
@@ -2562,8 +2548,7 @@ def eval_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h: Hype
     finally:
         optimizer.zero_grad(set_to_none=True)
     runtime.comm.all_reduce_sum(totals)
-    synchronize(runtime)
-    return eval_result(stage, totals, time.perf_counter() - t0, tilt is not None)
+    return eval_result(stage, totals, synchronize(runtime) - t0, tilt is not None)
 
 # Per-document LoRA TTT (FRONTIER §5). A document runs from a BOS (or the stream's start) to the next BOS, its last
 # target: document [s, e) holds targets s..e-1, so documents partition the targets plain/sliding score. Each is scored
@@ -2707,13 +2692,10 @@ def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h:
     """Score-first per-document LoRA TTT; in lora_phased also global SGD of the base model at each phase boundary on every
     document all ranks have scored (one all-reduce); later documents are scored by the updated model with fresh adapters.
     Every target is scored once, before any update that has seen it. Changes the weights in place."""
-    synchronize(runtime)
-    t0 = time.perf_counter()
-    tokens, target_bytes = val_tokens.to(runtime.device), target_bytes.to(runtime.device)
-    tilt = ngram_tilt(tokens, h)
+    t0 = synchronize(runtime)
+    tokens, target_bytes, tilt, totals = scoring_inputs(val_tokens, target_bytes, h, runtime)
     docs = document_spans(val_tokens.cpu())
     segments = [s for s in lora_ttt_schedule(docs, h, runtime.world_size) if any(s)]  # an empty phase does nothing
-    totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
     scored = torch.zeros(len(docs), dtype=torch.int32)  # by this rank, per document
     model.requires_grad_(False)  # only the adapters get gradients while scoring
     try:
@@ -2738,8 +2720,7 @@ def eval_lora_ttt(model: nn.Module, val_tokens: Tensor, target_bytes: Tensor, h:
     finally:
         model.requires_grad_(True)
     runtime.comm.all_reduce_sum(totals)
-    synchronize(runtime)
-    seconds = time.perf_counter() - t0
+    seconds = synchronize(runtime) - t0
     log(f"{stage} projection (not a measurement): {seconds * CHALLENGE_VAL_TOKENS / tokens.numel() * runtime.world_size / 8:.0f}s for "
         f"{CHALLENGE_VAL_TOKENS:,} tokens on 8 GPUs, linear from {tokens.numel():,} tokens in {seconds:.1f}s on {runtime.world_size} {runtime.device.type} process(es)")
     return eval_result(stage, totals, seconds, tilt is not None)
@@ -2815,11 +2796,13 @@ def warm_up_and_reset(model: GPT, optimizers: Optimizers, loader: TrainLoader, h
     optimizers.load_state_dict(optimizer_state)
     loader.load_state_dict(loader_state)
 
-def synchronize(runtime: Runtime) -> None:
+def synchronize(runtime: Runtime) -> float:
+    """Wait for the device's queued work; return time.perf_counter() after it (a clock reading on finished work)."""
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)
+    return time.perf_counter()
 
-def log_eval(log: Logger, result: EvalResult) -> None:
+def log_eval(log: Logger, result: EvalResult) -> EvalResult:
     log(f"{result.stage} val_loss:{result.loss:.6f} val_bpb:{result.bpb:.6f} eval_time:{result.seconds * 1000:.0f}ms")
     log.metrics(event="eval", stage=result.stage, val_loss=result.loss, val_bpb=result.bpb,
                 eval_time_ms=result.seconds * 1000, tokens=result.tokens, bytes=result.bytes)
@@ -2827,6 +2810,7 @@ def log_eval(log: Logger, result: EvalResult) -> None:
         log_eval(log, result.untilted)
         log(f"ngram_tilt {result.stage} gated:{result.gated}/{result.tokens} ({result.gated / result.tokens:.2%})")
         log.metrics(event="ngram_tilt", stage=result.stage, gated=result.gated, scored=result.tokens)
+    return result
 
 def log_timing(log: Logger, name: str, seconds: float) -> None:
     log(f"timing {name}: {seconds:.1f}s")
@@ -2841,11 +2825,9 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
     loader = TrainLoader(list_shards(h.dataset_dir, "train"), h.train_seq_len, micro_seqs, grad_accum_steps, runtime, h.seed, h.vocab_size)
     optimizers = Optimizers(model, h, runtime)
 
-    synchronize(runtime)
-    t0 = time.perf_counter()
+    t0 = synchronize(runtime)
     warm_up_and_reset(model, optimizers, loader, h, grad_accum_steps)
-    synchronize(runtime)
-    log_timing(log, "compile_warmup", time.perf_counter() - t0)
+    log_timing(log, "compile_warmup", synchronize(runtime) - t0)
 
     averager = WeightAverager(model, h)
     budget = float("inf")
@@ -2860,8 +2842,7 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
             raise ConfigError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g} leaves no training time after the "
                               f"{reserve:.1f}s calibration reserve; raise it or lower GPTQ_CALIBRATION_BATCHES")
     training_seconds, elapsed, step = 0.0, 0.0, 0
-    synchronize(runtime)
-    t_resume = time.perf_counter()
+    t_resume = synchronize(runtime)
     while step < h.iterations:
         frac = training_progress(step, elapsed, budget, h.iterations)  # on the clock all ranks agreed on after the last step
         if h.num_loops and not model.looping and frac >= h.enable_looping_at:
@@ -2895,8 +2876,7 @@ def train(model: GPT, h: Hyperparameters, runtime: Runtime, log: Logger, val_tok
         if h.val_loss_every and step % h.val_loss_every == 0 and not last:
             training_seconds = elapsed  # the clock pauses during validation
             log_eval(log, eval_plain(model, val_tokens, val_target_bytes, h, runtime, stage=f"step{step}"))
-            synchronize(runtime)
-            t_resume = time.perf_counter()
+            t_resume = synchronize(runtime)
             continue
         if last:
             training_seconds = elapsed
@@ -2947,11 +2927,9 @@ def measure_calibration_seconds(model: GPT, h: Hyperparameters, runtime: Runtime
     forwards, timed on their second run): 1.25 x the estimate + 1 s (loader reads, the averaged-weights copy)."""
     def timed(fn) -> float:
         for _ in range(2):
-            synchronize(runtime)
-            t0 = time.perf_counter()
+            t0 = synchronize(runtime)
             fn()
-            synchronize(runtime)
-        return time.perf_counter() - t0
+        return synchronize(runtime) - t0
 
     x = torch.randint(0, h.vocab_size, (h.gptq_calibration_seqs, h.train_seq_len), device=runtime.device)
     hessian_batch = timed(lambda: collect_hessians(model, [(x, x)], runtime))
@@ -3002,12 +2980,11 @@ def warm_up_evaluation(model: GPT, h: Hyperparameters, runtime: Runtime) -> dict
             rows, extra = max(MIN_ROWS, rows // 4), extra + 2
         tokens, target_bytes = random_documents(lengths + [h.ttt_window + extra * h.ttt_chunk_size] * rows, h)
         docs = document_spans(tokens)
-        tokens, target_bytes = tokens.to(runtime.device), target_bytes.to(runtime.device)
-        totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
+        tokens, target_bytes, tilt, totals = scoring_inputs(tokens, target_bytes, h, runtime)
         model.requires_grad_(False)
         with looping_enabled(model):
             lora_ttt_batch(model, tokens, target_bytes, docs, DocumentLoRA(h, h.virtual_layers, runtime.device, h.seed), h,
-                           totals, ngram_tilt(tokens, h))
+                           totals, tilt)
             lap("lora")
             if h.ttt_mode == "lora_phased":
                 global_sgd(model, tokens, docs, h, runtime)
@@ -3028,21 +3005,16 @@ def evaluate_artifact(path: str, h: Hyperparameters, runtime: Runtime, log: Logg
         warmup_seconds = sum(parts.values())
         log(f"eval warm-up (compile on random tokens, before the eval clock): {warmup_seconds:.1f}s ("
             + ", ".join(f"{part} {t:.1f}s" for part, t in parts.items()) + ")")
-    synchronize(runtime)
-    t0 = time.perf_counter()
+    t0 = synchronize(runtime)
     _, blob = read_artifact(path)
     load_artifact(blob, model)
-    results = [eval_plain(model, val_tokens, val_target_bytes, h, runtime, stage="quantized")]
-    log_eval(log, results[-1])
+    result = log_eval(log, eval_plain(model, val_tokens, val_target_bytes, h, runtime, stage="quantized"))
     if h.sliding_window_enabled:
-        results.append(eval_sliding(model, val_tokens, val_target_bytes, h, runtime, stage="quantized_sliding"))
-        log_eval(log, results[-1])
+        result = log_eval(log, eval_sliding(model, val_tokens, val_target_bytes, h, runtime, stage="quantized_sliding"))
     if h.ttt_enabled:
         ttt = eval_ttt if h.ttt_mode == "sgd" else eval_lora_ttt
-        results.append(ttt(model, val_tokens, val_target_bytes, h, runtime, log=log, stage="quantized_ttt"))
-        log_eval(log, results[-1])
-    synchronize(runtime)
-    eval_seconds = time.perf_counter() - t0
+        result = log_eval(log, ttt(model, val_tokens, val_target_bytes, h, runtime, log=log, stage="quantized_ttt"))
+    eval_seconds = synchronize(runtime) - t0
     on_record_hardware = runtime.world_size == 8 and runtime.device.type == "cuda"
     # Fewer ranks: a linear-scaling projection to 8 GPUs (labelled as such, never a measurement).
     projected = eval_seconds if on_record_hardware else eval_seconds * runtime.world_size / 8
@@ -3050,12 +3022,11 @@ def evaluate_artifact(path: str, h: Hyperparameters, runtime: Runtime, log: Logg
     label = "" if on_record_hardware else f" (measured on {where}; 8-GPU projection: {projected:.1f}s)"
     over = " OVER THE 600s LIMIT" if projected > EVAL_LIMIT_SECONDS else ""
     log(f"total eval time: {eval_seconds:.1f}s of the {EVAL_LIMIT_SECONDS:.0f}s budget{label}{over}")
-    return results[-1], dict(eval_time_s=eval_seconds, eval_warmup_s=warmup_seconds, eval_time_8gpu_s=projected,
-                             eval_time_projected=not on_record_hardware, eval_over_budget=projected > EVAL_LIMIT_SECONDS)
+    return result, dict(eval_time_s=eval_seconds, eval_warmup_s=warmup_seconds, eval_time_8gpu_s=projected,
+                        eval_time_projected=not on_record_hardware, eval_over_budget=projected > EVAL_LIMIT_SECONDS)
 
 def git_commit(folder: Path) -> str | None:
     """The checkout's commit (with '+dirty' when files differ), for reproducing a run from its log."""
-    import subprocess
     try:
         commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
@@ -3070,8 +3041,7 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
     log(source, console=False)  # the log reproduces the run
     log(f"run_id:{run_id} python:{sys.version.split()[0]} torch:{torch.__version__} device:{runtime.device}"
         + (f" ({torch.cuda.get_device_name(runtime.device)})" if runtime.device.type == "cuda" else ""))
-    for name, value in h.as_dict().items():
-        log(f"  {name}={value}")
+    log("\n".join(f"  {name}={value}" for name, value in h.as_dict().items()))
     unavailable: list[str] = []
     backend = select_attention_backend(runtime.device, unavailable, h.doc_masked_attention_enabled)
     log(f"attention_backend:{backend} kernels:{kernel_path(h, runtime.device)}"
@@ -3124,13 +3094,11 @@ def run(h: Hyperparameters, runtime: Runtime, log: Logger, run_id: str) -> None:
         loader, averager, training_seconds = train(model, h, runtime, log, val_tokens, val_target_bytes)
         log_eval(log, eval_plain(model, val_tokens, val_target_bytes, h, runtime, stage="pre_average"))
     # Choosing the weights and GPTQ calibration read training data: they count toward the train time.
-    synchronize(runtime)
-    t0 = time.perf_counter()
+    t0 = synchronize(runtime)
     if not h.requantize_from:
         chosen = choose_averaged_weights(model, averager, loader, h, runtime, log)
     hessians = collect_hessians(model, calibration_batches(loader, h, runtime), runtime)
-    synchronize(runtime)
-    calibration_seconds = time.perf_counter() - t0
+    calibration_seconds = synchronize(runtime) - t0
     loader.close()
     log_timing(log, "weight_choice_and_gptq_calibration", calibration_seconds)
     if chosen in ("ema", "swa"):  # raw weights were already scored as pre_average
