@@ -2402,8 +2402,8 @@ class NgramTilt:
 
 def ngram_tilt(tokens: Tensor, h: Hyperparameters) -> NgramTilt | None:
     """The stream's tilt on tokens' device, or None when NGRAM_TILT_ENABLED=0. Every rank builds all hints itself: a
-    hint depends on every earlier occurrence of its context (sorts of the whole stream: 0.23 s on one H100), and sharing
-    would cost collectives as large as the result."""
+    hint depends on every earlier occurrence of its context (sorts of the whole stream, per residue class: 0.24 s and
+    1.1 GB on one H100 for 47.9 M tokens), and sharing would cost collectives as large as the result."""
     if not h.ngram_tilt_enabled:
         return None
     return NgramTilt(*ngram_hints(tokens, h.ngram_tilt_order, h.ngram_tilt_threshold), h.ngram_tilt_boost)
@@ -3188,7 +3188,7 @@ def failure_text(e: Exception, h: Hyperparameters) -> str:
     """One line for the error; a collective that waited past DIST_TIMEOUT_SECONDS says so in words (gloo's own
     text varies: 'Timed out waiting ...', 'Application timeout caused pair closure')."""
     text = f"{type(e).__name__}: " + " ".join(str(e).split())
-    if isinstance(e, RuntimeError) and ("timed out" in text.lower() or "timeout" in text.lower()):
+    if isinstance(e, RuntimeError) and any(word in text.lower() for word in ("timed out", "timeout")):
         return (f"a collective timed out after DIST_TIMEOUT_SECONDS={h.dist_timeout_seconds:g} s (another rank hung "
                 f"or died: its log says why; raise DIST_TIMEOUT_SECONDS if it is only slow): {text}")
     return text
