@@ -759,27 +759,21 @@ def validation_target_bytes(dataset_dir: str, val_tokens: Tensor, tables: ByteTa
 
 # ========== Model =====================================================================================================
 def select_attention_backend(device: torch.device, unavailable: list[str] | None = None, doc_masked: bool = False) -> str:
-    """On CUDA the first that works of FA3 (flash_attn_interface), FA4 (pip install flash-attn-4; activated here as SDPA's
-    flash backend) and SDPA with cuDNN; with document masking FlexAttention with a block mask (as fast as cuDNN's causal
-    kernel: docs/BENCHMARKS.md). SDPA's default on CPU. Why each skipped one is unusable is appended to `unavailable`."""
+    """On CUDA the first that works of FA3 (flash_attn_interface) and SDPA with cuDNN; with document masking FlexAttention
+    with a block mask (as fast as cuDNN's causal kernel). FA4 is not used: torch 2.11's SDPA hook for it fails on
+    flash-attn-4 4.0.0b36, its dense kernel is 22 % slower forward, and its varlen kernel loses steps at the per-GPU batch
+    (docs/BENCHMARKS.md §5.11). SDPA's default on CPU. Why each skipped one is unusable is appended to `unavailable`."""
     unavailable = [] if unavailable is None else unavailable
     if device.type != "cuda":
         return "sdpa"
     if doc_masked:
-        unavailable.append("fa3/fa4/cudnn: document-masked attention runs on FlexAttention")
+        unavailable.append("fa3/cudnn: document-masked attention runs on FlexAttention")
         return "flex"
     try:
         import flash_attn_interface  # noqa: F401
         return "fa3"
     except ImportError as e:
         unavailable.append(f"fa3: {e}")
-    try:
-        import flash_attn.cute  # noqa: F401
-        from torch.nn.attention import activate_flash_attention_impl
-        activate_flash_attention_impl("FA4")
-        return "sdpa_fa4"
-    except Exception as e:  # not installed, a broken install (cutlass.cute missing), or an older torch
-        unavailable.append(f"fa4: {type(e).__name__}: {e}")
     return "sdpa_cudnn"
 
 def document_segments(input_ids: Tensor, span: int | None) -> Tensor:
@@ -821,9 +815,12 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, mask=None) -
     """Causal GQA attention, q [B,T,H,D], k/v [B,T,KV,D] -> [B,T,H,D]; with a mask (attention_mask) within segments."""
     if mask is not None:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if backend == "flex":
+        if backend == "flex" and torch.compiler.is_compiling():
             from torch.nn.attention.flex_attention import flex_attention
             y = flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+        elif backend == "flex":  # eager forwards (GPTQ calibration, weight choice, COMPILE=none): its own compiled copy
+            with torch.compiler.set_stance("default"):
+                y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=True)
         else:  # segment ids: the dense boolean mask (CPU, tests)
             T = q.size(2)
             causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
@@ -836,15 +833,21 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, mask=None) -
         return out[0] if isinstance(out, tuple) else out
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.size(1) != k.size(1)
-    if backend in ("sdpa_cudnn", "sdpa_fa4"):
+    if backend == "sdpa_cudnn":
         from torch.nn.attention import SDPBackend, sdpa_kernel
         # cuDNN takes GQA natively (measured on H100: 396 TFLOP/s forward vs 273 with repeated K/V).
-        fa4 = backend == "sdpa_fa4"  # FA4 alone: no silent fallback to another kernel
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if fa4 else [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return y.transpose(1, 2)
+
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention fuses only when compiled: eager, it materialises the [B,H,T,T] scores (GPTQ calibration's forwards
+    took 7.1 s and reserved 9.6 s of a 200 s budget so, 1.8 s / 4.0 s with a fused kernel: docs/BENCHMARKS.md §5.11)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
 
 def rms_norm(x: Tensor) -> Tensor:
     """RMSNorm without learned weights (there are none anywhere in this model)."""

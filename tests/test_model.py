@@ -163,7 +163,8 @@ def test_attention_backend_chain_says_why_each_is_skipped():
         pytest.skip("FA3/FA4 installed here: the CUDA chain would pick one")
     unavailable = []
     assert tg.select_attention_backend(torch.device("cuda"), unavailable) == "sdpa_cudnn"
-    assert [reason.split(":")[0] for reason in unavailable] == ["fa3", "fa4"]
+    assert [reason.split(":")[0] for reason in unavailable] == ["fa3"]
+    assert tg.select_attention_backend(torch.device("cuda"), doc_masked=True) == "flex"
 
 
 def test_config_errors_name_the_variable(monkeypatch):
@@ -407,3 +408,13 @@ def test_flex_block_mask_from_segment_ranges_matches_the_pairwise_mask():
         expected = tg.causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), "sdpa", segments)
         got = flex_attention(q, k, v, block_mask=mine, enable_gqa=True).transpose(1, 2)
         assert torch.allclose(got, expected, atol=1e-5)
+        if span == 96:  # eager callers (GPTQ calibration, under force_eager) run the compiled, fused copy: same values
+            from torch._dynamo import reset as dynamo_reset
+            from torch._dynamo.utils import counters
+            tg.compiled_flex_attention.cache_clear()
+            dynamo_reset()
+            compiled_before = counters["frames"]["ok"]
+            with torch.compiler.set_stance("force_eager"):
+                eager = tg.causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), "flex", mine)
+            assert torch.allclose(eager, expected, atol=1e-5)
+            assert counters["frames"]["ok"] > compiled_before  # dynamo compiled it despite force_eager
