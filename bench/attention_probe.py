@@ -5,8 +5,8 @@ tokens, 8 query / 4 KV heads, head dim 64, bf16), errors of out/dq/dk/dv against
 (SDPA math), median ms and TFLOP/s (CUDA events), the first call's time (FA4 JIT-compiles its kernels
 then), and whether a fullgraph torch.compile of it works. Then document-masked (varlen) attention over
 packed documents, the lead's next step. One table; each candidate that fails prints its error in one
-line. Run after installing FA3/FA4 wheels (for the offline GPU box, bench/fa4_carry.py packs FA4); not run on
-the box yet, so docs/BENCHMARKS.md has no FA3/FA4 figures.
+line. Run after installing FA3/FA4 wheels (for the offline GPU box, bench/fa4_carry.py packs FA4); FA4's
+figures on H100 are in docs/BENCHMARKS.md §5.11.
 
     python bench/attention_probe.py
     AP_BATCH=8 python bench/attention_probe.py   # smaller batch
@@ -46,10 +46,6 @@ def fa3(q, k, v):
 def fa4(q, k, v):
     out = importlib.import_module("flash_attn.cute").flash_attn_func(q, k, v, causal=True)
     return out[0] if isinstance(out, tuple) else out
-
-
-def sdpa_fa4(q, k, v):  # torch's flash-attention registry with FA4 activated (what train_gpt selects)
-    return tg.causal_attention(q, k, v, "sdpa_fa4")
 
 
 def inputs(seed, batch):
@@ -151,14 +147,11 @@ def main() -> None:
                      "cudnn": lambda q, k, v: sdpa([SDPBackend.CUDNN_ATTENTION], q, k, v),
                      "fa3": fa3, "fa4": fa4}.items():
         print(probe(name, fn), flush=True)
-    # train_gpt's choice last: selecting sdpa_fa4 activates FA4 as SDPA's flash backend for the process.
-    unavailable = []
-    backend = tg.select_attention_backend(DEV, unavailable)
-    print(f"train_gpt selects {backend}" + "".join(f"; {reason}" for reason in unavailable))
-    if backend == "sdpa_fa4":
-        print(probe("sdpa_fa4", sdpa_fa4), flush=True)
-    if hasattr(registry, "current_flash_attention_impl"):
-        print(f"  flash-attention impl now: {registry.current_flash_attention_impl()}")
+    for masked in (False, True):
+        unavailable = []
+        backend = tg.select_attention_backend(DEV, unavailable, doc_masked=masked)
+        print(f"train_gpt selects {backend} ({'document-masked' if masked else 'plain causal'})"
+              + "".join(f"; {reason}" for reason in unavailable))
     try:
         print("\n".join(varlen_probe()))
     except Exception:

@@ -69,16 +69,21 @@ def time_steps(model, opt, loader, accum, steps, sync):
 
 
 def profile_one_step(model, opt, loader, accum, sync, runtime):
-    """Top kernels by GPU time over one step of each variant, summed over the step."""
+    """Top kernels by GPU time over one step of each variant, summed over the step, and how much of the step's
+    wall time the GPU spends in kernels (the rest is the GPU waiting for the host: launches, Python, syncs)."""
     from torch.profiler import ProfilerActivity, profile
     for looping in (False, True):
         model.looping = looping
         sync()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
             tg.train_step(model, opt, loader, accum, 1.0, 0.95)
             sync()
+            wall_ms = (time.perf_counter() - t) * 1000
         if runtime.is_main:
-            print(f"--- profile looping={looping}")
+            kernel_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1000
+            print(f"--- profile looping={looping}: kernels {kernel_ms:.1f} ms of {wall_ms:.1f} ms wall "
+                  f"({kernel_ms / wall_ms:.0%} GPU busy, profiler overhead included)")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=110))
 
 
