@@ -844,8 +844,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, mask=None) -
 
 @functools.cache
 def compiled_flex_attention():
-    """FlexAttention fuses only when compiled: eager, it materialises the [B,H,T,T] scores (GPTQ calibration's forwards
-    took 7.1 s and reserved 9.6 s of a 200 s budget so, 1.8 s / 4.0 s with a fused kernel: docs/BENCHMARKS.md §5.11)."""
+    """FlexAttention fuses only when compiled: eager, it materialises the [B,H,T,T] scores (the weight choice and GPTQ
+    calibration took 5.6 s and reserved 8.2-9.0 s of a 200 s budget so; 1.6 s and 4.0 s compiled: docs/BENCHMARKS.md §5.11)."""
     from torch.nn.attention.flex_attention import flex_attention
     return torch.compile(flex_attention, dynamic=False)
 
