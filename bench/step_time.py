@@ -8,6 +8,8 @@ as train_gpt.py (defaults = the record config, global batch 786,432 tokens).
     torchrun --nproc_per_node=8 bench/step_time.py  # several (same global batch)
     BENCH_STEPS=20 BENCH_WARMUP=3 python bench/step_time.py
     BENCH_PROFILE=1 python bench/step_time.py       # + the top GPU kernels of one step (torch profiler)
+    BENCH_DOC_TOKENS=783 python bench/step_time.py  # documents of 391-1,174 tokens (783: the dev corpus's mean)
+    BENCH_SYNC_EACH_STEP=1 python bench/step_time.py  # read the loss after every step, as the training loop does
     FUSED_KERNELS=off python bench/step_time.py     # the plain PyTorch MLP and cross-entropy instead of Triton
 """
 import json
@@ -23,12 +25,22 @@ import train_gpt as tg  # noqa: E402
 
 
 class RandomTokens:
-    """Stands in for TrainLoader: fixed random batches already on the device (no I/O in the timing)."""
+    """Stands in for TrainLoader: fixed random batches already on the device (no I/O in the timing). With doc_tokens,
+    documents of uniformly drawn lengths averaging doc_tokens (a BOS at each start) run through the stream, as real
+    text does; without, a BOS falls on 1 token in vocab_size, so document masking sees about one document per row."""
 
-    def __init__(self, h, micro_seqs, device, count=4):
+    def __init__(self, h, micro_seqs, device, count=4, doc_tokens=0):
         g = torch.Generator().manual_seed(0)
-        self.batches = [torch.randint(0, h.vocab_size, (micro_seqs, h.train_seq_len + 1), generator=g).to(device)
-                        for _ in range(count)]
+        self.batches = []
+        for _ in range(count):
+            batch = torch.randint(tg.BOS_ID + 1 if doc_tokens else 0, h.vocab_size, (micro_seqs * (h.train_seq_len + 1),),
+                                  generator=g)
+            if doc_tokens:
+                lengths = torch.randint(doc_tokens // 2, doc_tokens * 3 // 2 + 1, (batch.numel() // (doc_tokens // 2) + 1,),
+                                        generator=g)
+                starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+                batch[starts[starts < batch.numel()]] = tg.BOS_ID
+            self.batches.append(batch.view(micro_seqs, h.train_seq_len + 1).to(device))
         self.i = 0
 
     def next_batch(self):
@@ -60,10 +72,15 @@ def flops_per_token(h, looping):
 
 
 def time_steps(model, opt, loader, accum, steps, sync):
+    """Seconds per step. BENCH_SYNC_EACH_STEP=1 reads the loss after every step, as train_gpt's loop does (its clock
+    and loss all-reduce), so the host cannot queue the next step while the GPU finishes this one."""
+    read_loss = os.environ.get("BENCH_SYNC_EACH_STEP") == "1"
     sync()
     t = time.perf_counter()
     for _ in range(steps):
-        tg.train_step(model, opt, loader, accum, 1.0, 0.95)
+        loss = tg.train_step(model, opt, loader, accum, 1.0, 0.95)
+        if read_loss:
+            float(loss)
     sync()
     return (time.perf_counter() - t) / steps
 
@@ -96,7 +113,7 @@ def main():
     model = tg.build_model(h, runtime, backend)
     micro, accum = tg.batch_layout(h, runtime)
     opt = tg.Optimizers(model, h, runtime)
-    loader = RandomTokens(h, micro, runtime.device)
+    loader = RandomTokens(h, micro, runtime.device, doc_tokens=int(os.environ.get("BENCH_DOC_TOKENS", "0")))
     sync = (lambda: torch.cuda.synchronize()) if runtime.device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     mode = tg.compile_model(model, h, runtime)
