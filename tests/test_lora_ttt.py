@@ -403,14 +403,15 @@ def test_compiled_blocks_do_not_recompile_per_slot_or_batch(monkeypatch):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("compile_mode", ["regional", "full"])
 @pytest.mark.parametrize("mode", ["sgd", "lora", "lora_phased"])
-def test_warm_up_compiles_every_graph_the_evaluation_runs(monkeypatch, mode):
-    """evaluate_artifact compiles (regional, with a counting backend that runs the graphs eagerly) and warms up on
-    random tokens before its clock: the evaluation that follows, on documents of other lengths (longer and shorter
-    than the window, rows dropping at full windows), compiles nothing new. With the warm-up removed it would."""
+def test_warm_up_compiles_every_graph_the_evaluation_runs(monkeypatch, mode, compile_mode):
+    """evaluate_artifact compiles (regional or whole-model, with a counting backend that runs the graphs eagerly) and
+    warms up on random tokens before its clock: the evaluation that follows, on documents of other lengths (longer
+    and shorter than the window, rows dropping at full windows), compiles nothing new. With the warm-up removed it would."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
-    h = lora_hparams(monkeypatch, COMPILE="regional", TTT_MODE=mode, EVAL_SEQ_LEN=128, TTT_CHUNK_SIZE=16,
+    h = lora_hparams(monkeypatch, COMPILE=compile_mode, TTT_MODE=mode, EVAL_SEQ_LEN=128, TTT_CHUNK_SIZE=16,
                      TTT_BATCH_DOCS=16, PHASED_TTT_PREFIX_DOCS=0.25, TTT_CHUNK_TOKENS=512)
     monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 128)
     counter, real_compile = CompileCounter(), torch.compile
