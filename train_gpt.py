@@ -760,7 +760,8 @@ def validation_target_bytes(dataset_dir: str, val_tokens: Tensor, tables: ByteTa
 # ========== Model =====================================================================================================
 def select_attention_backend(device: torch.device, unavailable: list[str] | None = None, doc_masked: bool = False) -> str:
     """On CUDA the first that works of FA3 (flash_attn_interface) and SDPA with cuDNN; with document masking FlexAttention
-    with a block mask (as fast as cuDNN's causal kernel). FA4 is not used: torch 2.11's SDPA hook for it fails on
+    with a block mask (forward+backward 9 % slower than cuDNN's unmasked causal kernel at B=48, documents of 50-1,500
+    tokens). FA4 is not used: torch 2.11's SDPA hook for it fails on
     flash-attn-4 4.0.0b36, its dense kernel is 22 % slower forward, and its varlen kernel loses steps at the per-GPU batch
     (docs/BENCHMARKS.md §5.11). SDPA's default on CPU. Why each skipped one is unusable is appended to `unavailable`."""
     unavailable = [] if unavailable is None else unavailable
@@ -845,7 +846,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, mask=None) -
 @functools.cache
 def compiled_flex_attention():
     """FlexAttention fuses only when compiled: eager, it materialises the [B,H,T,T] scores (the weight choice and GPTQ
-    calibration took 5.6 s and reserved 8.2-9.0 s of a 200 s budget so; 1.6 s and 4.0 s compiled: docs/BENCHMARKS.md §5.11)."""
+    calibration took 5.5-7.1 s and reserved 8.2-9.6 s of a 200 s budget so; 1.6 s and 4.0 s compiled: BENCHMARKS §5.11)."""
     from torch.nn.attention.flex_attention import flex_attention
     return torch.compile(flex_attention, dynamic=False)
 
