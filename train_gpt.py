@@ -761,9 +761,9 @@ def validation_target_bytes(dataset_dir: str, val_tokens: Tensor, tables: ByteTa
 def select_attention_backend(device: torch.device, unavailable: list[str] | None = None, doc_masked: bool = False) -> str:
     """On CUDA the first that works of FA3 (flash_attn_interface) and SDPA with cuDNN; with document masking FlexAttention
     with a block mask (forward+backward 9 % slower than cuDNN's unmasked causal kernel at B=48, documents of 50-1,500
-    tokens). FA4 is not used: torch 2.11's SDPA hook for it fails on
-    flash-attn-4 4.0.0b36, its dense kernel is 22 % slower forward, and its varlen kernel loses steps at the per-GPU batch
-    (docs/BENCHMARKS.md §5.11). SDPA's default on CPU. Why each skipped one is unusable is appended to `unavailable`."""
+    tokens). FA4 is not used: torch 2.11's SDPA hook for it fails on flash-attn-4 4.0.0b36, its dense kernel is 22 %
+    slower forward, and its varlen kernel loses steps at the per-GPU batch (docs/BENCHMARKS.md §5.11). SDPA's default
+    on CPU. Why each skipped one is unusable is appended to `unavailable`."""
     unavailable = [] if unavailable is None else unavailable
     if device.type != "cuda":
         return "sdpa"
