@@ -1,4 +1,4 @@
-"""Step-time benchmark of train_gpt.py's real training step (model + Muon/AdamW) on random tokens.
+"""Step-time benchmark of train_gpt.py's real training step (model + Muon/AdamW) on fixed batches.
 
 Reports compile + warm-up time, steady ms/step without and with looping, tok/s, MFU against a bf16
 matmul peak measured in the same process, and peak memory. The config comes from the same env vars
@@ -9,6 +9,7 @@ as train_gpt.py (defaults = the record config, global batch 786,432 tokens).
     BENCH_STEPS=20 BENCH_WARMUP=3 python bench/step_time.py
     BENCH_PROFILE=1 python bench/step_time.py       # + the top GPU kernels of one step (torch profiler)
     BENCH_DOC_TOKENS=783 python bench/step_time.py  # documents of 391-1,174 tokens (783: the dev corpus's mean)
+    BENCH_DATA=1 DATA_DIR=logs/proof_data DATASET=docs_sp8192 python bench/step_time.py  # real training tokens
     BENCH_SYNC_EACH_STEP=1 python bench/step_time.py  # read the loss after every step, as the training loop does
     FUSED_KERNELS=off python bench/step_time.py     # the plain PyTorch MLP and cross-entropy instead of Triton
 """
@@ -24,22 +25,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 
-class RandomTokens:
-    """Stands in for TrainLoader: fixed random batches already on the device (no I/O in the timing). With doc_tokens,
-    documents of uniformly drawn lengths averaging doc_tokens (a BOS at each start) run through the stream, as real
-    text does; without, a BOS falls on 1 token in vocab_size, so document masking sees about one document per row."""
+class FixedBatches:
+    """Stands in for TrainLoader: `count` fixed batches already on the device (no I/O in the timing). Their tokens:
+    - BENCH_DATA=1: the first training tokens of the dataset train_gpt would read (DATA_DIR, DATASET), real documents;
+    - BENCH_DOC_TOKENS=n: random ids with documents of uniformly drawn lengths n/2..3n/2 (a BOS at each start);
+    - neither: random ids, a BOS on 1 token in vocab_size, so document masking sees about one document per row.
+    Document structure sets FlexAttention's work: real batches keep more of the causal blocks than uniform lengths do
+    (docs/BENCHMARKS.md §5.11), random ids nearly all."""
 
-    def __init__(self, h, micro_seqs, device, count=4, doc_tokens=0):
+    def __init__(self, h, micro_seqs, device, count=4, doc_tokens=0, real_data=False):
         g = torch.Generator().manual_seed(0)
+        size = micro_seqs * (h.train_seq_len + 1)
+        if real_data:
+            stream = torch.from_numpy(tg.read_shard(tg.list_shards(h.dataset_dir, "train")[0], h.vocab_size)[: count * size]
+                                      .astype("int64"))
+            if stream.numel() < count * size:
+                raise SystemExit(f"BENCH_DATA=1: the first train shard of {h.dataset_dir} has fewer than {count * size} tokens")
         self.batches = []
-        for _ in range(count):
-            batch = torch.randint(tg.BOS_ID + 1 if doc_tokens else 0, h.vocab_size, (micro_seqs * (h.train_seq_len + 1),),
-                                  generator=g)
-            if doc_tokens:
-                lengths = torch.randint(doc_tokens // 2, doc_tokens * 3 // 2 + 1, (batch.numel() // (doc_tokens // 2) + 1,),
-                                        generator=g)
+        for i in range(count):
+            if real_data:
+                batch = stream[i * size:(i + 1) * size].clone()
+            else:
+                batch = torch.randint(tg.BOS_ID + 1 if doc_tokens else 0, h.vocab_size, (size,), generator=g)
+            if doc_tokens and not real_data:
+                lengths = torch.randint(doc_tokens // 2, doc_tokens * 3 // 2 + 1, (size // (doc_tokens // 2) + 1,), generator=g)
                 starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-                batch[starts[starts < batch.numel()]] = tg.BOS_ID
+                batch[starts[starts < size]] = tg.BOS_ID
             self.batches.append(batch.view(micro_seqs, h.train_seq_len + 1).to(device))
         self.i = 0
 
@@ -113,7 +124,8 @@ def main():
     model = tg.build_model(h, runtime, backend)
     micro, accum = tg.batch_layout(h, runtime)
     opt = tg.Optimizers(model, h, runtime)
-    loader = RandomTokens(h, micro, runtime.device, doc_tokens=int(os.environ.get("BENCH_DOC_TOKENS", "0")))
+    loader = FixedBatches(h, micro, runtime.device, doc_tokens=int(os.environ.get("BENCH_DOC_TOKENS", "0")),
+                          real_data=os.environ.get("BENCH_DATA") == "1")
     sync = (lambda: torch.cuda.synchronize()) if runtime.device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     mode = tg.compile_model(model, h, runtime)
