@@ -44,13 +44,14 @@ class FixedBatches:
         self.batches = []
         for i in range(count):
             if real_data:
-                batch = stream[i * size:(i + 1) * size].clone()
-            else:
-                batch = torch.randint(tg.BOS_ID + 1 if doc_tokens else 0, h.vocab_size, (size,), generator=g)
-            if doc_tokens and not real_data:
+                batch = stream[i * size:(i + 1) * size]
+            elif doc_tokens:
+                batch = torch.randint(tg.BOS_ID + 1, h.vocab_size, (size,), generator=g)
                 lengths = torch.randint(doc_tokens // 2, doc_tokens * 3 // 2 + 1, (size // (doc_tokens // 2) + 1,), generator=g)
                 starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
                 batch[starts[starts < size]] = tg.BOS_ID
+            else:
+                batch = torch.randint(0, h.vocab_size, (size,), generator=g)
             self.batches.append(batch.view(micro_seqs, h.train_seq_len + 1).to(device))
         self.i = 0
 
